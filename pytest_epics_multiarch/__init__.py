@@ -1,0 +1,3 @@
+"""pytest-epics-multiarch: test EPICS IOC images across targets."""
+
+__version__ = "0.1.0"
