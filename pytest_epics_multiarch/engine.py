@@ -1,0 +1,232 @@
+"""The container engine: connection, ownership labels, leftover sweeping, and the BuildKit CLI.
+
+Every container the plugin starts carries labels that name the session and the process that
+owns it (pid, host, and the process start time so that a reused pid is not mistaken for the
+owner). A later session removes a labelled container only when its owner is dead and it was
+not kept on purpose; containers without our labels are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+# Ryuk (testcontainers' reaper) is pulled from Docker Hub, which these machines can't reach, and
+# the plugin cleans up itself: disable it before testcontainers is imported anywhere.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+import docker
+import docker.errors
+
+from .errors import EngineError, EngineUnavailable
+
+log = logging.getLogger("pytest_epics_multiarch.engine")
+
+LABEL_PREFIX = "io.github.pytest-epics-multiarch"
+LABEL_SESSION = f"{LABEL_PREFIX}.session"
+LABEL_OWNER_PID = f"{LABEL_PREFIX}.owner-pid"
+LABEL_OWNER_START = f"{LABEL_PREFIX}.owner-start"
+LABEL_OWNER_HOST = f"{LABEL_PREFIX}.owner-host"
+LABEL_KEEP = f"{LABEL_PREFIX}.keep"
+LABEL_TARGET = f"{LABEL_PREFIX}.target"
+LABEL_CA_PORT = f"{LABEL_PREFIX}.ca-port"
+LABEL_INPUTS = f"{LABEL_PREFIX}.inputs"
+
+
+def process_start_ticks(pid: int) -> str:
+    """The start time of ``pid`` in clock ticks since boot ("" when unknown or gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process that owns the containers of a session."""
+
+    session: str
+    pid: int
+    start: str
+    host: str
+
+    @classmethod
+    def current(cls, session: str | None = None) -> Owner:
+        pid = os.getpid()
+        return cls(
+            session=session or uuid.uuid4().hex[:12],
+            pid=pid,
+            start=process_start_ticks(pid),
+            host=socket.gethostname(),
+        )
+
+    def labels(self, *, keep: bool = False, **extra: str) -> dict[str, str]:
+        labels = {
+            LABEL_SESSION: self.session,
+            LABEL_OWNER_PID: str(self.pid),
+            LABEL_OWNER_START: self.start,
+            LABEL_OWNER_HOST: self.host,
+        }
+        if keep:
+            labels[LABEL_KEEP] = "true"
+        labels.update(extra)
+        return labels
+
+
+def owner_is_alive(labels: dict[str, str], host: str) -> bool:
+    """Whether the process named by a container's labels still runs (unknown counts as alive)."""
+    if labels.get(LABEL_OWNER_HOST) != host:
+        return True  # another machine's container (shared engine): not ours to judge
+    try:
+        pid = int(labels.get(LABEL_OWNER_PID, ""))
+    except ValueError:
+        return True
+    start = process_start_ticks(pid)
+    if not start:
+        return False
+    recorded = labels.get(LABEL_OWNER_START, "")
+    return not recorded or recorded == start
+
+
+class Engine:
+    """A connected Docker engine (the SDK client plus what the plugin asks of it)."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+
+    @classmethod
+    def connect(cls, timeout: float = 10.0) -> Engine:
+        try:
+            client = docker.from_env(timeout=int(timeout))
+            client.ping()
+        except Exception as exc:  # the SDK raises several unrelated types here
+            host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+            raise EngineUnavailable(
+                "no Docker engine answers",
+                seen=f"{host}: {exc}",
+                hint="start dockerd (Debian: apt-get install docker.io && dockerd &), "
+                "or point DOCKER_HOST at a running engine",
+            ) from exc
+        return cls(client)
+
+    @cached_property
+    def version(self) -> str:
+        try:
+            info: dict[str, Any] = self.client.version()
+            return str(info.get("Version", "?"))
+        except docker.errors.APIError:
+            return "?"
+
+    def describe(self) -> str:
+        return f"docker {self.version} at {self.client.api.base_url}"
+
+    def image_id(self, ref: str) -> str | None:
+        """The local image id of ``ref``, or None when the engine has no such image."""
+        try:
+            return str(self.client.images.get(ref).id)
+        except docker.errors.ImageNotFound:
+            return None
+        except docker.errors.APIError as exc:
+            if "invalid reference" in str(exc).lower():
+                return None
+            raise
+
+    def sweep_leftovers(self, host: str) -> list[str]:
+        """Remove containers of dead sessions on this host; return their names."""
+        removed: list[str] = []
+        try:
+            containers = self.client.containers.list(all=True, filters={"label": LABEL_SESSION})
+        except docker.errors.APIError as exc:
+            log.warning("could not list leftover containers: %s", exc)
+            return removed
+        for container in containers:
+            labels = container.labels or {}
+            if labels.get(LABEL_KEEP) == "true" or owner_is_alive(labels, host):
+                continue
+            try:
+                container.remove(force=True)
+                removed.append(str(container.name))
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                log.warning("could not remove leftover container %s: %s", container.name, exc)
+        return removed
+
+
+@dataclass(frozen=True)
+class BuildCli:
+    """A docker CLI that builds with BuildKit: ``buildx build --load``, or 20.10's built-in."""
+
+    executable: str
+    buildx: bool
+    version: str
+
+    def argv(self) -> list[str]:
+        return [self.executable, "buildx", "build", "--load"] if self.buildx else [self.executable, "build"]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if not self.buildx:
+            # Docker CLIs before 23.0 build with BuildKit themselves when asked this way.
+            env["DOCKER_BUILDKIT"] = "1"
+        return env
+
+    def describe(self) -> str:
+        how = "buildx" if self.buildx else "DOCKER_BUILDKIT=1"
+        return f"{self.executable} {self.version} ({how})"
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | None:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _candidates(preferred: str | None) -> list[str]:
+    if preferred:
+        return [preferred]
+    found: list[str] = []
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
+        path = Path(folder) / "docker"
+        if path.is_file() and os.access(path, os.X_OK):
+            real = str(path.resolve())
+            if real not in found:
+                found.append(real)
+    return found
+
+
+def find_build_cli(preferred: str | None = None) -> BuildCli:
+    """The first docker CLI here that builds with BuildKit (buildx preferred)."""
+    tried: list[str] = []
+    for exe in _candidates(preferred):
+        if not shutil.which(exe):
+            tried.append(f"{exe}: not found")
+            continue
+        buildx = _run([exe, "buildx", "version"])
+        version_run = _run([exe, "version", "--format", "{{.Client.Version}}"])
+        version = version_run.stdout.strip() if version_run is not None else "?"
+        if buildx is not None and buildx.returncode == 0:
+            return BuildCli(exe, True, version)
+        major = re.match(r"(\d+)\.", version)
+        if major and int(major.group(1)) < 23:
+            return BuildCli(exe, False, version)
+        tried.append(f"{exe} {version}: no buildx plugin, and 23.0+ needs buildx for BuildKit")
+    raise EngineError(
+        "no docker CLI here builds with BuildKit",
+        seen="; ".join(tried) or "no docker CLI on PATH",
+        hint="install the buildx plugin for your docker CLI, or Debian's docker.io (its 20.10 "
+        "CLI at /usr/bin/docker builds with DOCKER_BUILDKIT=1); choose one with --epics-docker-cli",
+    )

@@ -1,0 +1,401 @@
+"""Images: name each (target, stage) variant, then build it with BuildKit or pull it.
+
+The target travels to the Dockerfile as build args (``TARGET_ARCHITECTURE``,
+``EPICS_TARGET_ARCH``, ``IMAGE_EXT``), never as the engine platform: every variant is built as
+the target's Linux engine platform. A built image carries a label with a digest of its build
+inputs, so ``auto`` can tell an up-to-date local image from a stale one without building.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker.errors
+
+from .config import ImageSpec, ProjectConfig
+from .engine import LABEL_INPUTS, BuildCli, Engine
+from .errors import ConfigError, ImageError, PrerequisiteMissing, tail_lines
+from .targets import Target
+
+log = logging.getLogger("pytest_epics_multiarch.images")
+
+Progress = Callable[[str], None]
+
+
+def image_ref(spec: ImageSpec, target: Target, stage: str) -> str:
+    """Expand the naming template; an empty registry drops its separator."""
+    ref = spec.template.format(
+        registry=spec.registry,
+        name=spec.name,
+        image_ext=target.image_ext,
+        stage=stage,
+        tag=spec.tag,
+        epics_arch=target.epics_arch,
+    )
+    return ref.lstrip("/")
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """``host:port/repo:tag`` -> (``host:port/repo``, ``tag``); the tag defaults to latest."""
+    last = ref.rsplit("/", 1)[-1]
+    if ":" in last:
+        repo, tag = ref.rsplit(":", 1)
+        return repo, tag
+    return ref, "latest"
+
+
+@dataclass(frozen=True)
+class ImageVariant:
+    target: Target
+    stage: str
+    ref: str
+
+
+@dataclass
+class ImageResult:
+    """What the ``ioc_image`` fixture hands out: the run stage's image for one target."""
+
+    ref: str
+    target: Target
+    #: "built", "up to date", "pulled" or "local"
+    how: str
+    seconds: float
+    image_id: str = ""
+    #: The registry digest when the image came from (or went to) a registry, else the image id.
+    digest: str = ""
+    stages: dict[str, str] = field(default_factory=dict)
+    build_log: Path | None = None
+
+    def __str__(self) -> str:
+        return self.ref
+
+
+def _dockerignore(context: Path) -> list[str]:
+    path = context / ".dockerignore"
+    if not path.is_file():
+        return []
+    patterns = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            patterns.append(line.lstrip("/").rstrip("/"))
+    return patterns
+
+
+def _context_files(context: Path) -> Iterator[Path]:
+    ignore = _dockerignore(context)
+    for folder, dirs, files in os.walk(context):
+        rel_folder = Path(folder).relative_to(context)
+        dirs[:] = sorted(d for d in dirs if d != ".git" and not _ignored(str(rel_folder / d), ignore))
+        for name in sorted(files):
+            rel = str(rel_folder / name)
+            if not _ignored(rel, ignore):
+                yield context / rel
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    rel = rel.removeprefix("./")
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!")
+        if fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(rel, pattern + "/*"):
+            excluded = not negate
+    return excluded
+
+
+def build_inputs_digest(
+    context: Path,
+    dockerfile: Path,
+    args: Mapping[str, str],
+    stage: str,
+    platform: str,
+    base_ids: Mapping[str, str],
+) -> str:
+    """A digest of everything that decides what a build produces."""
+    digest = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        digest.update(label.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+
+    add("dockerfile", dockerfile.read_bytes())
+    for path in _context_files(context):
+        if path.is_file():
+            add("file:" + str(path.relative_to(context)), path.read_bytes())
+    for key in sorted(args):
+        add("arg:" + key, args[key].encode())
+    for key in sorted(base_ids):
+        add("base:" + key, base_ids[key].encode())
+    add("stage", stage.encode())
+    add("platform", platform.encode())
+    return "sha256:" + digest.hexdigest()
+
+
+class ImageResolver:
+    """Builds or pulls image variants, once per session, remembering failures too."""
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], Engine],
+        build_cli_factory: Callable[[], BuildCli],
+        *,
+        policy: str,
+        push: bool,
+        build_timeout: float,
+        log_dir: Callable[[], Path],
+        progress: Progress,
+    ) -> None:
+        self._engine_factory = engine_factory
+        self._build_cli_factory = build_cli_factory
+        self.policy = policy
+        self.push = push
+        self.build_timeout = build_timeout
+        self.log_dir = log_dir
+        self.progress = progress
+        self._results: dict[tuple[str, str], ImageResult | BaseException] = {}
+
+    def resolve(self, config: ProjectConfig, target: Target) -> ImageResult:
+        """The run-stage image of ``target``, building or pulling it the first time."""
+        key = (config.where, target.name)
+        if key not in self._results:
+            try:
+                self._results[key] = self._resolve(config, target)
+            except Exception as exc:
+                self._results[key] = exc
+        result = self._results[key]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def results(self) -> dict[tuple[str, str], ImageResult | BaseException]:
+        return dict(self._results)
+
+    # -- the policies ---------------------------------------------------------------------
+
+    def _resolve(self, config: ProjectConfig, target: Target) -> ImageResult:
+        if config.image is None:
+            raise ConfigError(
+                "no image is configured",
+                target=target.name,
+                seen=f"{config.where} has no image: section",
+                hint="add epics-multiarch.yaml next to your tests (see the README), or pass --epics-config",
+            )
+        engine = self._engine_factory()
+        can_build = config.build.dockerfile is not None
+        policy = self.policy
+        if policy == "build" and not can_build:
+            raise ConfigError(
+                "--epics-image-policy=build, but no Dockerfile is configured",
+                target=target.name,
+                seen=f"{config.where} has no build: section",
+                hint="add build: {context: ., dockerfile: Dockerfile}, or use --epics-image-policy=pull",
+            )
+        if policy == "pull" or (policy == "auto" and not can_build):
+            local_ok = policy == "auto"
+            return self._pull(engine, config, target, local_ok=local_ok)
+        return self._build(engine, config, target, reuse=policy == "auto")
+
+    def _variants(self, config: ProjectConfig, target: Target) -> list[ImageVariant]:
+        assert config.image is not None
+        return [
+            ImageVariant(target, stage, image_ref(config.image, target, stage))
+            for stage in config.build.stages
+        ]
+
+    def _pull(self, engine: Engine, config: ProjectConfig, target: Target, *, local_ok: bool) -> ImageResult:
+        assert config.image is not None
+        ref = image_ref(config.image, target, config.build.run_stage)
+        started = time.monotonic()
+        if local_ok:
+            image_id = engine.image_id(ref)
+            if image_id:
+                self.progress(f"{target.name}: using local image {ref}")
+                return ImageResult(ref, target, "local", 0.0, image_id, _digest(engine, ref, image_id))
+        repo, tag = split_ref(ref)
+        self.progress(f"{target.name}: pulling {ref} ({target.platform})")
+        try:
+            engine.client.images.pull(repo, tag=tag, platform=target.platform)
+        except docker.errors.APIError as exc:
+            registry = repo.split("/", 1)[0] if "/" in repo else "Docker Hub"
+            raise ImageError(
+                f"could not pull {ref}",
+                target=target.name,
+                seen=f"registry {registry}: {exc.explanation or exc}",
+                hint="check the image name, tag and registry in epics-multiarch.yaml, that the "
+                "registry runs, and that the image was pushed (or build it: --epics-image-policy=build)",
+            ) from exc
+        seconds = time.monotonic() - started
+        image_id = engine.image_id(ref) or ""
+        self.progress(f"{target.name}: pulled {ref} in {seconds:.1f} s")
+        return ImageResult(ref, target, "pulled", seconds, image_id, _digest(engine, ref, image_id))
+
+    def _check_requirements(self, engine: Engine, config: ProjectConfig, target: Target) -> None:
+        for requirement in config.requires_for(target):
+            if engine.image_id(requirement.image) is None:
+                raise PrerequisiteMissing(
+                    f"the build needs image {requirement.image}, which this engine does not have",
+                    target=target.name,
+                    seen=f"{config.where}: targets.{target.name}.requires",
+                    hint=requirement.hint or f"docker load or build {requirement.image} first",
+                )
+
+    def _build(self, engine: Engine, config: ProjectConfig, target: Target, *, reuse: bool) -> ImageResult:
+        build = config.build
+        assert build.context is not None and build.dockerfile is not None
+        if not build.dockerfile.is_file():
+            raise ConfigError(
+                f"Dockerfile {build.dockerfile} does not exist",
+                target=target.name,
+                seen=f"{config.where}: build.dockerfile",
+                hint="build.context is relative to the config file, build.dockerfile to the context",
+            )
+        self._check_requirements(engine, config, target)
+        args = {**build.args, **target.conventional_build_args()}
+        base_ids = {
+            value: image_id for value in args.values() if (image_id := _maybe_image_id(engine, value))
+        }
+        stages: dict[str, str] = {}
+        total = 0.0
+        how = "up to date"
+        log_path: Path | None = None
+        result_id = ""
+        for variant in self._variants(config, target):
+            inputs = build_inputs_digest(
+                build.context, build.dockerfile, args, variant.stage, target.platform, base_ids
+            )
+            image_id = engine.image_id(variant.ref)
+            if reuse and image_id and _label(engine, variant.ref, LABEL_INPUTS) == inputs:
+                log.info("%s: %s is up to date", target.name, variant.ref)
+            else:
+                seconds, log_path = self._run_build(variant, build.context, build.dockerfile, args, inputs)
+                total += seconds
+                how = "built"
+                image_id = engine.image_id(variant.ref)
+                if self.push:
+                    self._push(engine, variant)
+            stages[variant.stage] = variant.ref
+            if variant.stage == build.run_stage:
+                result_id = image_id or ""
+        if how == "up to date":
+            self.progress(f"{target.name}: images up to date ({', '.join(stages.values())})")
+        ref = stages[build.run_stage]
+        return ImageResult(
+            ref, target, how, total, result_id, _digest(engine, ref, result_id), stages, log_path
+        )
+
+    def _run_build(
+        self,
+        variant: ImageVariant,
+        context: Path,
+        dockerfile: Path,
+        args: Mapping[str, str],
+        inputs: str,
+    ) -> tuple[float, Path]:
+        cli = self._build_cli_factory()
+        target = variant.target
+        argv = [
+            *cli.argv(),
+            "--progress=plain",
+            "--platform",
+            target.platform,
+            "--target",
+            variant.stage,
+            "--file",
+            str(dockerfile),
+            "--tag",
+            variant.ref,
+            "--label",
+            f"{LABEL_INPUTS}={inputs}",
+        ]
+        for key, value in sorted(args.items()):
+            argv += ["--build-arg", f"{key}={value}"]
+        argv.append(str(context))
+        safe = variant.ref.replace("/", "_").replace(":", "_")
+        log_path = self.log_dir() / f"build-{safe}.log"
+        self.progress(f"{target.name}: building {variant.ref} (stage {variant.stage}) ...")
+        log.debug("build command: %s", " ".join(argv))
+        started = time.monotonic()
+        with open(log_path, "w") as log_file:
+            log_file.write("$ " + " ".join(argv) + "\n")
+            log_file.flush()
+            try:
+                proc = subprocess.run(
+                    argv,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=cli.env(),
+                    timeout=self.build_timeout,
+                    check=False,
+                )
+                code: int | str = proc.returncode
+            except subprocess.TimeoutExpired:
+                code = f"timed out after {self.build_timeout:.0f} s"
+        seconds = time.monotonic() - started
+        text = log_path.read_text(errors="replace")
+        for line in text.splitlines():
+            log.debug("[build %s] %s", variant.ref, line)
+        if code != 0:
+            raise ImageError(
+                f"building {variant.ref} (stage {variant.stage}) failed",
+                target=target.name,
+                seen=f"{cli.describe()} exited with {code} after {seconds:.1f} s; full log: {log_path}",
+                tail=tail_lines(text, 25),
+                hint="run the build by hand with the command at the top of the log",
+            )
+        self.progress(f"{target.name}: built {variant.ref} in {seconds:.1f} s")
+        return seconds, log_path
+
+    def _push(self, engine: Engine, variant: ImageVariant) -> None:
+        repo, tag = split_ref(variant.ref)
+        self.progress(f"{variant.target.name}: pushing {variant.ref}")
+        try:
+            for line in engine.client.images.push(repo, tag=tag, stream=True, decode=True):
+                if isinstance(line, dict) and line.get("error"):
+                    raise ImageError(
+                        f"pushing {variant.ref} failed",
+                        target=variant.target.name,
+                        seen=str(line["error"]),
+                        hint="is the registry running and the name's registry part right?",
+                    )
+        except docker.errors.APIError as exc:
+            raise ImageError(
+                f"pushing {variant.ref} failed", target=variant.target.name, seen=str(exc)
+            ) from exc
+
+
+def _label(engine: Engine, ref: str, key: str) -> str | None:
+    try:
+        labels = engine.client.images.get(ref).labels or {}
+    except docker.errors.ImageNotFound:
+        return None
+    value = labels.get(key)
+    return str(value) if value is not None else None
+
+
+def _maybe_image_id(engine: Engine, value: str) -> str | None:
+    """The id of a local image a build arg names (e.g. BASE_IMAGE), so a rebuilt base counts."""
+    if not value or " " in value or value != value.strip():
+        return None
+    return engine.image_id(value)
+
+
+def _digest(engine: Engine, ref: str, image_id: str) -> str:
+    """The registry digest of ``ref`` when it has one, else the local image id."""
+    try:
+        digests = engine.client.images.get(ref).attrs.get("RepoDigests") or []
+    except docker.errors.ImageNotFound:
+        return image_id
+    repo, _ = split_ref(ref)
+    for entry in digests:
+        if entry.startswith(repo + "@"):
+            return str(entry.split("@", 1)[1])
+    return image_id

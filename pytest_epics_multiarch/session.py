@@ -1,0 +1,147 @@
+"""Everything one test session owns: settings, configs, the engine, images, IOCs, results.
+
+The plugin builds one :class:`EpicsSession` from pytest's config and keeps it in the config's
+stash; fixtures ask it for images and IOCs. It can be built and used without pytest.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import ConfigCache, IocSpec, ProjectConfig
+from .engine import BuildCli, Engine, Owner, find_build_cli
+from .errors import ConfigError, EngineUnavailable
+from .images import ImageResolver, ImageResult
+from .ioc import Ioc, IocPool
+from .runners.base import IocRunner
+from .settings import Settings
+from .targets import EMULATED_BSPS, Target
+
+log = logging.getLogger("pytest_epics_multiarch")
+
+
+class EpicsSession:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        work_dir: Path | None = None,
+        progress: Callable[[str], None],
+        owner: Owner | None = None,
+        engine_factory: Callable[[], Engine] = Engine.connect,
+    ) -> None:
+        self.settings = settings
+        self.work_dir = work_dir
+        self.progress = progress
+        self.owner = owner or Owner.current()
+        self.configs = ConfigCache(settings.config)
+        self._engine_factory = engine_factory
+        self._engine: Engine | EngineUnavailable | None = None
+        self._build_cli: BuildCli | None = None
+        self.swept: list[str] = []
+        self.images = ImageResolver(
+            self.engine,
+            self.build_cli,
+            policy=settings.image_policy,
+            push=settings.push,
+            build_timeout=settings.build_timeout,
+            log_dir=self.log_dir,
+            progress=progress,
+        )
+        self.iocs = IocPool(
+            self._make_runner,
+            ca_backend=settings.ca_client,
+            keep=settings.keep_iocs,
+            log_dir=self.log_dir,
+        )
+
+    def log_dir(self) -> Path:
+        """Where build logs and IOC consoles are written (a temp dir when none was given)."""
+        if self.work_dir is None:
+            self.work_dir = Path(tempfile.mkdtemp(prefix="epics-multiarch-"))
+        return self.work_dir
+
+    # -- shared resources, created on first use -------------------------------------------------
+
+    def engine(self) -> Engine:
+        """The engine, connected once; a missing engine is remembered and raised again."""
+        if self._engine is None:
+            try:
+                engine = self._engine_factory()
+            except EngineUnavailable as exc:
+                self._engine = exc
+            else:
+                self._engine = engine
+                self.swept = engine.sweep_leftovers(self.owner.host)
+                if self.swept:
+                    self.progress(f"removed {len(self.swept)} leftover IOC container(s) of dead sessions")
+        if isinstance(self._engine, EngineUnavailable):
+            raise self._engine
+        return self._engine
+
+    def engine_if_connected(self) -> Engine | None:
+        return self._engine if isinstance(self._engine, Engine) else None
+
+    def build_cli(self) -> BuildCli:
+        if self._build_cli is None:
+            self._build_cli = find_build_cli(self.settings.docker_cli)
+            log.info("building with %s", self._build_cli.describe())
+        return self._build_cli
+
+    # -- what fixtures ask for ------------------------------------------------------------------
+
+    def config_for(self, path: Path) -> ProjectConfig:
+        return self.configs.for_path(path)
+
+    def target_names(self, config: ProjectConfig) -> list[str]:
+        """The selected target names for tests under ``config``."""
+        return list(self.settings.arch or config.default_targets or ("linux/amd64",))
+
+    def image(self, config: ProjectConfig, target: Target) -> ImageResult:
+        return self.images.resolve(config, target)
+
+    def start_ioc(self, config: ProjectConfig, target: Target, image: ImageResult) -> Ioc:
+        spec = config.ioc_for(target)
+        return self.iocs.start(target, image, spec)
+
+    def _make_runner(
+        self,
+        target: Target,
+        image: ImageResult,
+        spec: IocSpec,
+        ready_probe: Callable[[tuple[str, int]], None],
+        log_path: Path,
+    ) -> IocRunner:
+        timeout = self.settings.start_timeout or spec.start_timeout
+        if target.runner == "container":
+            from .runners.container import ContainerIoc
+
+            command = (
+                [part.replace("{startup}", spec.startup or "") for part in spec.command]
+                if spec.command
+                else None
+            )
+            return ContainerIoc(
+                self.engine(),
+                image.ref,
+                target=target.name,
+                labels=self.owner.labels(keep=self.settings.keep_iocs),
+                command=command,
+                environment=spec.environment,
+                workdir=spec.workdir,
+                start_timeout=timeout,
+                log_path=log_path,
+                ready_probe=ready_probe,
+            )
+        raise ConfigError(
+            f"cannot run target {target.name} (runner {target.runner!r})",
+            target=target.name,
+            hint="emulated BSPs: " + ", ".join(EMULATED_BSPS),
+        )
+
+    def close(self) -> list[str]:
+        """Stop every IOC of the session; return how to reach the kept ones."""
+        return self.iocs.stop_all()
