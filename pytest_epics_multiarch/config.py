@@ -255,8 +255,11 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Project
 
     defaults = top.str_list("default_targets") or ()
     for name in defaults:
-        if name != "all":
-            registry.get(name)  # raises, naming the valid targets
+        if name != "all" and name not in registry and registry.get_or_none(name) is None:
+            raise ConfigError(
+                f"{where}: default_targets names unknown target {name!r}",
+                hint="valid targets: " + ", ".join(registry.names()),
+            )
     options = top.section("options").data
     return ProjectConfig(
         path=path.resolve(),

@@ -217,6 +217,9 @@ class TargetRegistry:
     def __contains__(self, name: object) -> bool:
         return name in self._targets
 
+    def get_or_none(self, name: str) -> Target | None:
+        return self._targets.get(name) or self._bsp_target(name)
+
     def get(self, name: str) -> Target:
         target = self._targets.get(name) or self._bsp_target(name)
         if target is None:
