@@ -130,7 +130,8 @@ class Engine:
             return "?"
 
     def describe(self) -> str:
-        return f"docker {self.version} at {self.client.api.base_url}"
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        return f"docker {self.version} at {where}"
 
     def image_id(self, ref: str) -> str | None:
         """The local image id of ``ref``, or None when the engine has no such image."""

@@ -91,10 +91,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "ioc_scope",
-        "how long one IOC lives: module (default), session, or function (a fresh IOC per test)",
+        "how long one IOC lives: module (one per target per test module, the default) or "
+        "function (a fresh IOC per test)",
         "choice",
         default="module",
-        choices=("function", "module", "session"),
+        choices=("module", "function"),
     ),
     Option(
         "docker_cli",
@@ -153,11 +154,17 @@ def add_options(parser: pytest.Parser) -> None:
                 action="store",
                 default=None,
                 dest=option.dest,
-                metavar=option.metavar or option.name.upper(),
+                metavar=option.metavar or _metavar(option),
                 choices=None,  # checked by resolve() so that every source gets the same message
                 help=help_text,
             )
         parser.addini(option.ini, option.help, type="string", default="")
+
+
+def _metavar(option: Option) -> str:
+    if option.choices:
+        return "{" + ",".join(option.choices) + "}"
+    return "SECONDS" if option.kind == "float" else option.name.upper()
 
 
 _TRUE = {"1", "true", "yes", "on"}

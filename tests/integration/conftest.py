@@ -1,0 +1,43 @@
+"""Helpers for integration tests that run the plugin against the real sample IOC."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from pytest_epics_multiarch.engine import LABEL_SESSION
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "sample_iocs" / "sample_ioc"
+BASE_IMAGE = "pytest-epics-multiarch/debian:bookworm"
+
+
+def our_containers() -> set[str]:
+    """Ids of every container carrying the plugin's session label."""
+    client = docker.from_env()
+    try:
+        return {c.id for c in client.containers.list(all=True, filters={"label": LABEL_SESSION})}
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def no_leftover_containers() -> Iterator[None]:
+    """Fails the test when it leaves a container of the plugin behind."""
+    before = our_containers()
+    yield
+    left = our_containers() - before
+    assert not left, f"containers left behind: {left}"
+
+
+@pytest.fixture
+def subprocess_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs in a subprocess see the same engine/registry as the outer test run."""
+    monkeypatch.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
+    for name in list(os.environ):
+        if name.startswith("EPICS_MULTIARCH_") and name != "EPICS_MULTIARCH_REGISTRY":
+            monkeypatch.delenv(name)

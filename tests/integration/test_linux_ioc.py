@@ -1,0 +1,145 @@
+"""The Linux soft-IOC path for real: BuildKit builds of the sample, a real engine, real CA.
+
+These run the plugin the way users do (a pytest subprocess in the sample IOC's folder) and
+check what users would see: outcomes, the matrix, the report, and that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import docker
+import pytest
+
+from pytest_epics_multiarch.engine import LABEL_SESSION, Owner
+from pytest_epics_multiarch.session import EpicsSession
+from pytest_epics_multiarch.settings import Settings
+
+from .conftest import BASE_IMAGE, SAMPLE
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.usefixtures("subprocess_env")]
+
+
+def test_sample_passes_on_linux_and_leaves_nothing(
+    pytester: pytest.Pytester, no_leftover_containers: None, tmp_path: Path
+) -> None:
+    report = tmp_path / "report.json"
+    result = pytester.runpytest_subprocess(
+        str(SAMPLE), "--arch=linux/amd64", "-v", "-p", "no:cacheprovider", f"--epics-report={report}"
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*test_setpoint_drives_processed_record?linux/amd64? PASSED*",
+            "*test_each_ioc_answers_only_for_itself?linux/amd64? PASSED*",
+            "*epics-multiarch target matrix*",
+            "linux/amd64*passed*",
+        ]
+    )
+    assert result.ret == 0, result.stdout.str()
+    data = json.loads(report.read_text())
+    linux = data["targets"]["linux/amd64"]
+    assert data["gate"] == "pass" and linux["status"] == "passed" and linux["failed"] == 0
+    assert linux["image"].endswith("sample-ioc-runtime:dev") and linux["digest"].startswith("sha256:")
+
+
+def test_ca_ports_are_published_on_loopback_only(tmp_path: Path) -> None:
+    session = EpicsSession(Settings(arch=("linux/amd64",)), work_dir=tmp_path, progress=lambda m: None)
+    config = session.config_for(SAMPLE / "tests")
+    target = config.target("linux/amd64")
+    ioc = session.start_ioc(config, target, session.image(config, target))
+    try:
+        client = docker.from_env()
+        containers = client.containers.list(filters={"label": f"{LABEL_SESSION}={session.owner.session}"})
+        assert len(containers) == 1
+        bindings = containers[0].attrs["HostConfig"]["PortBindings"]
+        port = ioc.ca_address[1]
+        assert set(bindings) == {f"{port}/tcp", f"{port}/udp"}
+        assert all(b["HostIp"] == "127.0.0.1" and b["HostPort"] == str(port) for v in bindings.values() for b in v)
+        assert containers[0].attrs["HostConfig"]["Privileged"] is False
+        assert containers[0].attrs["HostConfig"]["NetworkMode"] == "bridge"
+        assert containers[0].attrs["HostConfig"]["Init"] is True
+        assert ioc.ca.get("SAMPLE:MESSAGE") == "hello"
+        assert "DBF_DOUBLE" in ioc.iocsh("dbgf SAMPLE:SETPOINT")
+    finally:
+        session.close()
+    assert not client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session.owner.session}"})
+
+
+def test_push_then_pull_through_the_local_registry(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """--epics-push publishes to the sample's 127.0.0.1 registry; policy pull gets it back."""
+    tag = f"pushpull{Owner.current().session}"
+    config = tmp_path / "epics-multiarch.yaml"
+    config.write_text(
+        (SAMPLE / "epics-multiarch.yaml").read_text().replace('tag: "dev"', f'tag: "{tag}"')
+        .replace("context: .", f"context: {SAMPLE}")
+    )
+    args = [str(SAMPLE / "tests" / "test_sample_ioc.py"), "--arch=linux/amd64", f"--epics-config={config}",
+            "-p", "no:cacheprovider", "-k", "message"]
+    client = docker.from_env()
+    refs: list[str] = []
+    try:
+        pushed = pytester.runpytest_subprocess(*args, "--epics-image-policy=build", "--epics-push")
+        pushed.stdout.fnmatch_lines(["*pushing *sample-ioc-runtime:" + tag + "*"])
+        assert pushed.ret == 0, pushed.stdout.str()
+        refs = [i.tags[0] for i in client.images.list() if i.tags and i.tags[0].endswith(":" + tag)]
+        assert len(refs) == 2  # developer and runtime
+        for ref in refs:  # only the tags this test made
+            client.images.remove(ref)
+        pulled = pytester.runpytest_subprocess(*args, "--epics-image-policy=pull")
+        pulled.stdout.fnmatch_lines(["*pulled *sample-ioc-runtime:" + tag + "*"])
+        assert pulled.ret == 0, pulled.stdout.str()
+    finally:
+        for ref in refs:
+            try:
+                client.images.remove(ref)
+            except docker.errors.ImageNotFound:
+                pass
+
+
+def test_a_failing_build_fails_only_its_target(pytester: pytest.Pytester, no_leftover_containers: None) -> None:
+    pytester.makefile(
+        ".yaml",
+        **{
+            "epics-multiarch": f"""
+schema: 1
+image: {{name: broken-on-rtems, tag: t}}
+build: {{stages: [runtime], args: {{BASE_IMAGE: "{BASE_IMAGE}"}}}}
+"""
+        },
+    )
+    (pytester.path / "Dockerfile").write_text(
+        "ARG BASE_IMAGE\nFROM ${BASE_IMAGE} AS runtime\nARG TARGET_ARCHITECTURE\n"
+        'RUN echo "building for $TARGET_ARCHITECTURE" && test "$TARGET_ARCHITECTURE" = linux\n'
+    )
+    pytester.makepyfile(test_img="def test_image(ioc_image):\n    assert ioc_image.how in ('built', 'up to date')\n")
+    result = pytester.runpytest_subprocess("--arch=linux/amd64,rtems/powerpc/beatnik", "-v", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(
+        [
+            "*test_image?linux/amd64? PASSED*",
+            "*test_image?rtems/powerpc/beatnik? ERROR*",
+            "*[[]rtems/powerpc/beatnik[]] building broken-on-rtems-rtems-beatnik-runtime:t (stage runtime) failed*",
+            "*building for rtems*",
+            "*Hint: run the build by hand*",
+        ]
+    )
+    client = docker.from_env()
+    for ref in ("broken-on-rtems-runtime:t",):
+        client.images.remove(ref)
+
+
+def test_an_ioc_that_exits_fails_fast_with_its_log(pytester: pytest.Pytester, no_leftover_containers: None) -> None:
+    config = (SAMPLE / "epics-multiarch.yaml").read_text().replace("context: .", f"context: {SAMPLE}")
+    config = config.replace(
+        'command: ["softIoc", "-D", "/epics/epics-base/dbd/softIoc.dbd", "{startup}"]',
+        'command: ["sh", "-c", "echo the IOC gives up; exit 3"]',
+    )
+    assert "gives up" in config
+    pytester.makefile(".yaml", **{"epics-multiarch": config})
+    pytester.makepyfile(test_x="def test_x(ioc):\n    pass\n")
+    result = pytester.runpytest_subprocess("--arch=linux/amd64", "-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*[[]linux/amd64[]] the IOC did not reach iocRun*", "*exited with code 3*", "*the IOC gives up*", "*Hint:*"]
+    )
+    assert "seconds" not in result.stdout.str().split("the IOC did not reach iocRun")[1][:200]
