@@ -129,10 +129,10 @@ class Console:
             start = self.position()
             self._write(f"{command}\n".encode())
             self._write(f"echo {marker}\n".encode())
-            # The marker alone on a line is echo's output; the tty's echo of our input has
-            # "echo " in front of it.
+            # echo's output ends a line, maybe right after the prompt (``epics> MARKER``); the
+            # tty's echo of our input has "echo " in front of it.
             done = self.expect(
-                rf"(?m)^{marker}[ \t]*$",
+                rf"(?m)(?<!echo ){marker}[ \t]*$",
                 timeout,
                 start=start,
                 alive=alive,
@@ -161,7 +161,7 @@ def _strip_command_output(raw: str, command: str, marker: str) -> str:
             continue
         if re.fullmatch(r"[\w.:-]*>\s*", stripped) and not kept:
             continue  # a bare prompt before the output
-        kept.append(line)
+        kept.append(line.rstrip())
     while kept and (not kept[-1].strip() or re.fullmatch(r"[\w.:-]*>\s*", kept[-1].strip())):
         kept.pop()
     return "\n".join(kept).strip("\n")

@@ -310,7 +310,7 @@ def ioc_factory(
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report: pytest.TestReport = yield
     if report.failed:
-        iocs = list(item.stash.get(item_iocs_key, []))
+        iocs: list[Ioc] = list(item.stash.get(item_iocs_key, ()))
         module_ioc = getattr(item, "funcargs", {}).get("ioc")
         if isinstance(module_ioc, Ioc) and module_ioc not in iocs:
             iocs.insert(0, module_ioc)

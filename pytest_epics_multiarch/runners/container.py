@@ -114,8 +114,8 @@ class ContainerIoc:
             # iocsh exits at end of input: keep stdin open on a tty so the shell stays up.
             "stdin_open": True,
             "tty": True,
-            # Never the host network (testcontainers may pick one when it runs in a container).
-            "network": "bridge",
+            # The default bridge, never the host network.
+            "network_mode": "bridge",
             "privileged": False,
         }
         if self.workdir:

@@ -55,7 +55,9 @@ def test_ca_ports_are_published_on_loopback_only(tmp_path: Path) -> None:
         bindings = containers[0].attrs["HostConfig"]["PortBindings"]
         port = ioc.ca_address[1]
         assert set(bindings) == {f"{port}/tcp", f"{port}/udp"}
-        assert all(b["HostIp"] == "127.0.0.1" and b["HostPort"] == str(port) for v in bindings.values() for b in v)
+        assert all(
+            b["HostIp"] == "127.0.0.1" and b["HostPort"] == str(port) for v in bindings.values() for b in v
+        )
         assert containers[0].attrs["HostConfig"]["Privileged"] is False
         assert containers[0].attrs["HostConfig"]["NetworkMode"] == "bridge"
         assert containers[0].attrs["HostConfig"]["Init"] is True
@@ -71,11 +73,20 @@ def test_push_then_pull_through_the_local_registry(pytester: pytest.Pytester, tm
     tag = f"pushpull{Owner.current().session}"
     config = tmp_path / "epics-multiarch.yaml"
     config.write_text(
-        (SAMPLE / "epics-multiarch.yaml").read_text().replace('tag: "dev"', f'tag: "{tag}"')
+        (SAMPLE / "epics-multiarch.yaml")
+        .read_text()
+        .replace('tag: "dev"', f'tag: "{tag}"')
         .replace("context: .", f"context: {SAMPLE}")
     )
-    args = [str(SAMPLE / "tests" / "test_sample_ioc.py"), "--arch=linux/amd64", f"--epics-config={config}",
-            "-p", "no:cacheprovider", "-k", "message"]
+    args = [
+        str(SAMPLE / "tests" / "test_sample_ioc.py"),
+        "--arch=linux/amd64",
+        f"--epics-config={config}",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "message",
+    ]
     client = docker.from_env()
     refs: list[str] = []
     try:
@@ -97,7 +108,9 @@ def test_push_then_pull_through_the_local_registry(pytester: pytest.Pytester, tm
                 pass
 
 
-def test_a_failing_build_fails_only_its_target(pytester: pytest.Pytester, no_leftover_containers: None) -> None:
+def test_a_failing_build_fails_only_its_target(
+    pytester: pytest.Pytester, no_leftover_containers: None
+) -> None:
     pytester.makefile(
         ".yaml",
         **{
@@ -112,8 +125,12 @@ build: {{stages: [runtime], args: {{BASE_IMAGE: "{BASE_IMAGE}"}}}}
         "ARG BASE_IMAGE\nFROM ${BASE_IMAGE} AS runtime\nARG TARGET_ARCHITECTURE\n"
         'RUN echo "building for $TARGET_ARCHITECTURE" && test "$TARGET_ARCHITECTURE" = linux\n'
     )
-    pytester.makepyfile(test_img="def test_image(ioc_image):\n    assert ioc_image.how in ('built', 'up to date')\n")
-    result = pytester.runpytest_subprocess("--arch=linux/amd64,rtems/powerpc/beatnik", "-v", "-p", "no:cacheprovider")
+    pytester.makepyfile(
+        test_img="def test_image(ioc_image):\n    assert ioc_image.how in ('built', 'up to date')\n"
+    )
+    result = pytester.runpytest_subprocess(
+        "--arch=linux/amd64,rtems/powerpc/beatnik", "-v", "-p", "no:cacheprovider"
+    )
     result.stdout.fnmatch_lines(
         [
             "*test_image?linux/amd64? PASSED*",
@@ -128,7 +145,9 @@ build: {{stages: [runtime], args: {{BASE_IMAGE: "{BASE_IMAGE}"}}}}
         client.images.remove(ref)
 
 
-def test_an_ioc_that_exits_fails_fast_with_its_log(pytester: pytest.Pytester, no_leftover_containers: None) -> None:
+def test_an_ioc_that_exits_fails_fast_with_its_log(
+    pytester: pytest.Pytester, no_leftover_containers: None
+) -> None:
     config = (SAMPLE / "epics-multiarch.yaml").read_text().replace("context: .", f"context: {SAMPLE}")
     config = config.replace(
         'command: ["softIoc", "-D", "/epics/epics-base/dbd/softIoc.dbd", "{startup}"]',
@@ -140,6 +159,11 @@ def test_an_ioc_that_exits_fails_fast_with_its_log(pytester: pytest.Pytester, no
     result = pytester.runpytest_subprocess("--arch=linux/amd64", "-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
-        ["*[[]linux/amd64[]] the IOC did not reach iocRun*", "*exited with code 3*", "*the IOC gives up*", "*Hint:*"]
+        [
+            "*[[]linux/amd64[]] the IOC did not reach iocRun*",
+            "*exited with code 3*",
+            "*the IOC gives up*",
+            "*Hint:*",
+        ]
     )
     assert "seconds" not in result.stdout.str().split("the IOC did not reach iocRun")[1][:200]

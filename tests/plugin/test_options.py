@@ -106,7 +106,9 @@ def test_not_rtems(ioc_target):
     )
     result = project.runpytest("-v", "--arch=linux/amd64,rtems/powerpc", "test_m.py")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*test_only_rtems?rtems/powerpc? PASSED*", "*test_not_rtems?linux/amd64? PASSED*"])
+    result.stdout.fnmatch_lines(
+        ["*test_only_rtems?rtems/powerpc? PASSED*", "*test_not_rtems?linux/amd64? PASSED*"]
+    )
 
 
 def test_bad_option_value_names_its_source(project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,4 +152,6 @@ def test_image_without_config_is_a_clear_error(pytester: pytest.Pytester) -> Non
     pytester.makepyfile(test_i="def test_image(ioc_image):\n    pass\n")
     result = pytester.runpytest()
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*[[]linux/amd64[]] no image is configured*", "*Hint: add epics-multiarch.yaml*"])
+    result.stdout.fnmatch_lines(
+        ["*[[]linux/amd64[]] no image is configured*", "*Hint: add epics-multiarch.yaml*"]
+    )

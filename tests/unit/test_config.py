@@ -96,7 +96,10 @@ def test_registry_from_environment(tmp_path: Path) -> None:
         ("schema: 1\nioc: {start_timeout: -1}\n", "must be a positive number"),
         ("schema: 1\nbuild: {stages: [a, b], run_stage: c}\n", "build.run_stage is 'c'"),
         ("schema: 1\ndefault_targets: [linux/sparc]\n", "names unknown target 'linux/sparc'"),
-        ("schema: 1\ntargets: {rtems/powerpc: {requires: [{hint: x}]}}\n", "requires\\[0\\].image is required"),
+        (
+            "schema: 1\ntargets: {rtems/powerpc: {requires: [{hint: x}]}}\n",
+            "requires\\[0\\].image is required",
+        ),
         ("schema: 1\nimage: {name: x, template: '{name}-{arch}'}\n", "unknown placeholder {arch}"),
         ("schema: 1\nioc: {environment: {A: [1]}}\n", "ioc.environment.A must be a string"),
         ("schema: 1\n  bad: [indent\n", "not valid YAML"),

@@ -27,7 +27,7 @@ class FakeShell:
             self.lines.append(line)
             reply = f"{line}\r\n"  # the tty echo
             if line.startswith("echo "):
-                reply += line[5:] + "\r\n"
+                reply += self.prompt + line[5:] + "\r\n"
             elif line.startswith("dbgf "):
                 reply += "DBF_DOUBLE:         3.5\r\n"
             elif line == "dbl":

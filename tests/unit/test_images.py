@@ -27,7 +27,9 @@ def test_empty_registry_gives_a_local_name() -> None:
 
 
 def test_custom_template() -> None:
-    spec = ImageSpec(name="sample", registry="r", tag="1", template="{registry}/{name}:{tag}-{epics_arch}-{stage}")
+    spec = ImageSpec(
+        name="sample", registry="r", tag="1", template="{registry}/{name}:{tag}-{epics_arch}-{stage}"
+    )
     assert image_ref(spec, REG.get("linux/amd64"), "runtime") == "r/sample:1-linux-x86_64-runtime"
 
 
@@ -39,7 +41,11 @@ def test_split_ref_handles_registry_ports() -> None:
 def _digest(ctx: Path, **overrides: object) -> str:
     args = overrides.get("args", {"A": "1"})
     return build_inputs_digest(
-        ctx, ctx / "Dockerfile", args, str(overrides.get("stage", "runtime")), "linux/amd64",  # type: ignore[arg-type]
+        ctx,
+        ctx / "Dockerfile",
+        args,
+        str(overrides.get("stage", "runtime")),
+        "linux/amd64",  # type: ignore[arg-type]
         overrides.get("base", {}),  # type: ignore[arg-type]
     )
 

@@ -38,8 +38,17 @@ def test_json_report_shape(tmp_path: Path) -> None:
     entry = data["targets"]["linux/amd64"]
     assert entry["status"] == "passed" and entry["passed"] == 1 and entry["build_s"] == 1.235
     assert set(entry) == {
-        "status", "passed", "failed", "skipped", "errors", "image", "digest",
-        "build_s", "start_s", "reason", "failures",
+        "status",
+        "passed",
+        "failed",
+        "skipped",
+        "errors",
+        "image",
+        "digest",
+        "build_s",
+        "start_s",
+        "reason",
+        "failures",
     }
 
 

@@ -43,7 +43,9 @@ def test_precedence_cli_env_ini_config() -> None:
     )
     assert all_four.image_policy == "build" and all_four.sources["image_policy"] == "--epics-image-policy"
     no_cli = _resolve(
-        env={"EPICS_MULTIARCH_IMAGE_POLICY": "pull"}, ini={"epics_image_policy": "build"}, cfg={"image_policy": "build"}
+        env={"EPICS_MULTIARCH_IMAGE_POLICY": "pull"},
+        ini={"epics_image_policy": "build"},
+        cfg={"image_policy": "build"},
     )
     assert no_cli.image_policy == "pull"
     only_ini_cfg = _resolve(ini={"epics_image_policy": "build"}, cfg={"image_policy": "pull"})
