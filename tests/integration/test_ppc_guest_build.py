@@ -9,6 +9,8 @@ console, Channel Access through ``hostfwd`` on 127.0.0.1.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import logging
@@ -302,7 +304,11 @@ def test_guest_boots_from_tftp_and_serves_ca(
     booted: tuple[QemuGuest, int, float], record_property: Callable[[str, object], None]
 ) -> None:
     from caproto import AlarmSeverity, AlarmStatus, ChannelType
-    from caproto.sync.client import read, write
+    from caproto.sync import client
+
+    # repeater=False: the sync client would otherwise spawn a CA repeater that outlives the test.
+    read = functools.partial(client.read, repeater=False)
+    write = functools.partial(client.write, repeater=False)
 
     qemu, port, boot_to_ready = booted
     console = qemu.console
