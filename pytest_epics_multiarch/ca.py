@@ -108,9 +108,7 @@ class CAClient(Protocol):
         """Write ``value`` and wait for the IOC to report completion; CAPutError if refused."""
         ...
 
-    def wait_for(
-        self, pv: str, expected: Any | Callable[[Any], bool], *, timeout: float = 10.0
-    ) -> Any:
+    def wait_for(self, pv: str, expected: Any | Callable[[Any], bool], *, timeout: float = 10.0) -> Any:
         """Wait until the PV equals ``expected`` (or the predicate holds); return the value."""
         ...
 
@@ -332,9 +330,7 @@ def _encode(value: Any, info: _ChannelInfo) -> tuple[int, list[Any]]:
 def _checked_string(item: str | bytes | bytearray) -> bytes:
     raw = _encode_text(item)
     if len(raw) >= _STRING_SIZE:
-        raise _Refused(
-            f"not sent: {len(raw)} bytes, a DBR_STRING holds at most {_STRING_SIZE - 1}"
-        )
+        raise _Refused(f"not sent: {len(raw)} bytes, a DBR_STRING holds at most {_STRING_SIZE - 1}")
     return raw
 
 
@@ -384,9 +380,7 @@ class _BoundClient:
 
     backend = ""
 
-    def __init__(
-        self, host: str, ip: str, port: int, *, timeout: float, target: str | None
-    ) -> None:
+    def __init__(self, host: str, ip: str, port: int, *, timeout: float, target: str | None) -> None:
         self.address = (host, port)
         self.timeout = timeout
         self.target = target
@@ -426,9 +420,7 @@ class _BoundClient:
             f"This client searches {host}:{port} only, never EPICS_CA_ADDR_LIST."
         )
 
-    def error(
-        self, cls: type[CAError], what: str, *, seen: str, hint: str | None = None
-    ) -> CAError:
+    def error(self, cls: type[CAError], what: str, *, seen: str, hint: str | None = None) -> CAError:
         """An error naming the address and backend, for this client's target."""
         return cls(
             f"{what} (IOC at {self.where}, {self.backend} client)",
@@ -549,9 +541,7 @@ class _BoundClient:
         """Subscribe to the PV's value and alarm changes (waits for the connection first)."""
         return self._open_monitor(pv, as_string=False, timeout=self.timeout)
 
-    def wait_for(
-        self, pv: str, expected: Any | Callable[[Any], bool], *, timeout: float = 10.0
-    ) -> Any:
+    def wait_for(self, pv: str, expected: Any | Callable[[Any], bool], *, timeout: float = 10.0) -> Any:
         """Wait until the PV equals ``expected``, or the predicate returns true; return the value.
 
         Floats compare within a small relative tolerance, sequences element by element. A
@@ -612,9 +602,7 @@ class _BoundClient:
 
     # Shared machinery -------------------------------------------------------------------
 
-    def _open_monitor(
-        self, pv: str, *, as_string: bool, timeout: float, what: str | None = None
-    ) -> Monitor:
+    def _open_monitor(self, pv: str, *, as_string: bool, timeout: float, what: str | None = None) -> Monitor:
         what = what or f"could not monitor {pv!r}"
         info = self._connected(pv, what, timeout)
         dbr_type = _read_type(info, as_string)
@@ -653,9 +641,7 @@ class _BoundClient:
         """(status, severity) numbers."""
         raise NotImplementedError
 
-    def _write(
-        self, info: _ChannelInfo, dbr_type: int, elements: list[Any], timeout: float
-    ) -> None:
+    def _write(self, info: _ChannelInfo, dbr_type: int, elements: list[Any], timeout: float) -> None:
         raise NotImplementedError
 
     def _subscribe(
@@ -847,9 +833,7 @@ class CaprotoClient(_BoundClient):
 
     backend = "caproto"
 
-    def __init__(
-        self, host: str, ip: str, port: int, *, timeout: float, target: str | None
-    ) -> None:
+    def __init__(self, host: str, ip: str, port: int, *, timeout: float, target: str | None) -> None:
         super().__init__(host, ip, port, timeout=timeout, target=target)
         broadcaster_class, context_class = _caproto_classes()
         self._broadcaster = broadcaster_class(ip, port)
@@ -875,8 +859,7 @@ class CaprotoClient(_BoundClient):
                     continue
                 if handle.circuit_ready.is_set():
                     raise _NoReply(
-                        f"the IOC answered the search but the channel did not connect within "
-                        f"{timeout:.3g} s"
+                        f"the IOC answered the search but the channel did not connect within {timeout:.3g} s"
                     ) from None
                 raise _NoReply(f"no reply to the search within {timeout:.3g} s") from None
         channel = handle.channel
@@ -918,9 +901,7 @@ class CaprotoClient(_BoundClient):
             raise _Refused(refusal)
         return int(response.metadata.status), int(response.metadata.severity)
 
-    def _write(
-        self, info: _ChannelInfo, dbr_type: int, elements: list[Any], timeout: float
-    ) -> None:
+    def _write(self, info: _ChannelInfo, dbr_type: int, elements: list[Any], timeout: float) -> None:
         ca = _caproto()
         response = self._io(
             lambda: info.handle.write(
@@ -1153,9 +1134,7 @@ class _LibcaThread:
         self._started: Future[None] = Future()
         self._stopping = False
         self._lock = threading.Lock()
-        self._thread = threading.Thread(
-            target=self._run, name=f"libca-{ip}:{port}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"libca-{ip}:{port}", daemon=True)
         self._thread.start()
         self._started.result()
 
@@ -1265,9 +1244,7 @@ class PyepicsClient(_BoundClient):
 
     backend = "pyepics"
 
-    def __init__(
-        self, host: str, ip: str, port: int, *, timeout: float, target: str | None
-    ) -> None:
+    def __init__(self, host: str, ip: str, port: int, *, timeout: float, target: str | None) -> None:
         super().__init__(host, ip, port, timeout=timeout, target=target)
         self._channels: dict[str, _LibcaChannel] = {}
         self._channels_lock = threading.Lock()
@@ -1385,11 +1362,7 @@ class PyepicsClient(_BoundClient):
         chid = info.handle.chid
 
         def issue(token: int) -> int:
-            return int(
-                self._lib.ca_array_get_callback(
-                    dbr_type, 0, chid, _ON_EVENT, ctypes.c_void_p(token)
-                )
-            )
+            return int(self._lib.ca_array_get_callback(dbr_type, 0, chid, _ON_EVENT, ctypes.c_void_p(token)))
 
         def decode(args: _EventArgs) -> list[Any]:
             return _elements_at(args.dbr, dbr_type, int(args.count))
@@ -1402,9 +1375,7 @@ class PyepicsClient(_BoundClient):
 
         def issue(token: int) -> int:
             return int(
-                self._lib.ca_array_get_callback(
-                    _STS_STRING, 1, chid, _ON_EVENT, ctypes.c_void_p(token)
-                )
+                self._lib.ca_array_get_callback(_STS_STRING, 1, chid, _ON_EVENT, ctypes.c_void_p(token))
             )
 
         def decode(args: _EventArgs) -> tuple[int, int]:
@@ -1417,9 +1388,7 @@ class PyepicsClient(_BoundClient):
         result: tuple[int, int] = self._request(issue, decode, _READ_ANSWER, timeout)
         return result
 
-    def _write(
-        self, info: _ChannelInfo, dbr_type: int, elements: list[Any], timeout: float
-    ) -> None:
+    def _write(self, info: _ChannelInfo, dbr_type: int, elements: list[Any], timeout: float) -> None:
         chid = info.handle.chid
         buffer = _put_buffer(dbr_type, elements)
 
@@ -1511,9 +1480,7 @@ def make_ca_client(
     error the client raises.
     """
     if backend not in BACKENDS:
-        raise ValueError(
-            f"unknown Channel Access backend {backend!r}: choose one of {', '.join(BACKENDS)}"
-        )
+        raise ValueError(f"unknown Channel Access backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if not 0 < port < 65536:
         raise ValueError(f"CA port {port} is not a port number (1-65535)")
     if timeout <= 0:

@@ -18,6 +18,7 @@ from typing import Any, Callable, TypeVar
 import yaml
 
 from .errors import ConfigError
+from .runners.profiles import check_qemu_section
 from .targets import Target, TargetRegistry
 
 CONFIG_NAME = "epics-multiarch.yaml"
@@ -82,6 +83,8 @@ class ProjectConfig:
     default_targets: tuple[str, ...] = ()
     requires: Mapping[str, tuple[Requirement, ...]] = field(default_factory=dict)
     ioc_overrides: Mapping[str, IocSpec] = field(default_factory=dict)
+    #: Each emulated target's ``qemu:`` mapping (validated; resolved against image labels later).
+    qemu: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: Option defaults (``image_policy: pull``...), the lowest-precedence source of settings.
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -214,7 +217,7 @@ class _Section:
 
 _TOP_KEYS = ("schema", "image", "build", "default_targets", "targets", "ioc", "options")
 _IOC_KEYS = ("command", "startup", "workdir", "environment", "ready_pv", "start_timeout")
-_TARGET_EXTRA_KEYS = ("requires", "ioc")
+_TARGET_EXTRA_KEYS = ("requires", "ioc", "qemu")
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> ProjectConfig:
@@ -245,12 +248,17 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Project
     target_attrs: dict[str, dict[str, Any]] = {}
     requires: dict[str, tuple[Requirement, ...]] = {}
     ioc_overrides: dict[str, IocSpec] = {}
+    qemu: dict[str, dict[str, Any]] = {}
     for name in target_section.data:
         sub = target_section.section(str(name))
         target_attrs[str(name)] = {k: v for k, v in sub.data.items() if k not in _TARGET_EXTRA_KEYS}
         requires[str(name)] = _load_requires(sub)
         if "ioc" in sub.data:
             ioc_overrides[str(name)] = _load_ioc(sub.section("ioc"), ioc)
+        if "qemu" in sub.data:
+            qemu_section = sub.section("qemu")
+            check_qemu_section(qemu_section.data, f"{where}: targets.{name}")
+            qemu[str(name)] = qemu_section.data
     registry = TargetRegistry.with_overrides(target_attrs, where)
 
     defaults = top.str_list("default_targets") or ()
@@ -270,6 +278,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Project
         default_targets=defaults,
         requires=requires,
         ioc_overrides=ioc_overrides,
+        qemu=qemu,
         options={str(k): v for k, v in options.items()},
     )
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .ca import CAClient, make_ca_client
-from .config import IocSpec
+from .config import ProjectConfig
 from .errors import CAError, IocError, IocStartError
 from .images import ImageResult
 from .runners.base import IocRunner
@@ -91,7 +91,9 @@ def first_record(dbl_output: str) -> str | None:
     return None
 
 
-RunnerFactory = Callable[[Target, ImageResult, IocSpec, "Callable[[tuple[str, int]], None]", Path], IocRunner]
+RunnerFactory = Callable[
+    [ProjectConfig, Target, ImageResult, "Callable[[tuple[str, int]], None]", Path], IocRunner
+]
 
 
 class IocPool:
@@ -115,7 +117,8 @@ class IocPool:
         #: Start-up seconds of each IOC per target, for the matrix.
         self.start_seconds: dict[str, list[float]] = {}
 
-    def start(self, target: Target, image: ImageResult, spec: IocSpec) -> Ioc:
+    def start(self, config: ProjectConfig, target: Target, image: ImageResult) -> Ioc:
+        spec = config.ioc_for(target)
         with self._lock:
             self._count += 1
             number = self._count
@@ -134,7 +137,7 @@ class IocPool:
                 raise
             log.debug("%s: readiness PV %s answered on %s:%d", target.name, pv, *address)
 
-        runner = self._runner_factory(target, image, spec, ready_probe, log_path)
+        runner = self._runner_factory(config, target, image, ready_probe, log_path)
         ioc = Ioc(target, image, runner, ca_backend=self.ca_backend, kept=self.keep)
         holder.append(ioc)
         with self._lock:
@@ -156,6 +159,10 @@ class IocPool:
             if ioc in self._live:
                 self._live.remove(ioc)
         ioc.stop()
+
+    def live(self) -> list[Ioc]:
+        with self._lock:
+            return list(self._live)
 
     def stop_all(self) -> list[str]:
         """Stop every IOC still running (kept ones excepted); return how to reach kept ones."""

@@ -11,11 +11,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigCache, IocSpec, ProjectConfig
+from .config import ConfigCache, ProjectConfig
 from .engine import BuildCli, Engine, Owner, find_build_cli
-from .errors import ConfigError, EngineUnavailable
+from .errors import ConfigError, EngineUnavailable, IocStartError
 from .images import ImageResolver, ImageResult
 from .ioc import Ioc, IocPool
+from .payload import Payload
 from .runners.base import IocRunner
 from .settings import Settings
 from .targets import EMULATED_BSPS, Target
@@ -42,6 +43,7 @@ class EpicsSession:
         self._engine: Engine | EngineUnavailable | None = None
         self._build_cli: BuildCli | None = None
         self.swept: list[str] = []
+        self._payloads: dict[tuple[str, bool], Payload] = {}
         self.images = ImageResolver(
             self.engine,
             self.build_cli,
@@ -104,17 +106,17 @@ class EpicsSession:
         return self.images.resolve(config, target)
 
     def start_ioc(self, config: ProjectConfig, target: Target, image: ImageResult) -> Ioc:
-        spec = config.ioc_for(target)
-        return self.iocs.start(target, image, spec)
+        return self.iocs.start(config, target, image)
 
     def _make_runner(
         self,
+        config: ProjectConfig,
         target: Target,
         image: ImageResult,
-        spec: IocSpec,
         ready_probe: Callable[[tuple[str, int]], None],
         log_path: Path,
     ) -> IocRunner:
+        spec = config.ioc_for(target)
         timeout = self.settings.start_timeout or spec.start_timeout
         if target.runner == "container":
             from .runners.container import ContainerIoc
@@ -136,11 +138,68 @@ class EpicsSession:
                 log_path=log_path,
                 ready_probe=ready_probe,
             )
+        if target.runner == "qemu":
+            return self._make_qemu_runner(config, target, image, ready_probe, log_path)
         raise ConfigError(
             f"cannot run target {target.name} (runner {target.runner!r})",
             target=target.name,
             hint="emulated BSPs: " + ", ".join(EMULATED_BSPS),
         )
+
+    def _make_qemu_runner(
+        self,
+        config: ProjectConfig,
+        target: Target,
+        image: ImageResult,
+        ready_probe: Callable[[tuple[str, int]], None],
+        log_path: Path,
+    ) -> IocRunner:
+        from .payload import extract_payload, label_overrides
+        from .runners.profiles import resolve_qemu
+        from .runners.qemu import QemuIoc
+
+        engine = self.engine()
+        labels = engine.client.images.get(image.ref).labels or {}
+        spec = config.ioc_for(target)
+        qemu, profile = resolve_qemu(
+            default_profile=target.qemu_profile,
+            epics_arch=target.epics_arch,
+            section=config.qemu.get(target.name, {}),
+            labels=label_overrides(labels),
+            startup=spec.startup,
+            workdir=spec.workdir,
+            where=config.where,
+        )
+        key = (image.image_id or image.ref, qemu.serve_startup)
+        if key not in self._payloads:
+            dest = self.log_dir() / f"payload-{len(self._payloads) + 1}"
+            self._payloads[key] = extract_payload(
+                engine, image.ref, qemu.payload_paths(), dest, target=target.name, labels=self.owner.labels()
+            )
+        if not qemu.serve_startup:
+            self._claim_fixed_port(target, qemu.ca_port)
+        return QemuIoc(
+            target=target.name,
+            profile=profile,
+            payload=self._payloads[key],
+            settings=qemu,
+            work_dir=log_path.with_suffix(""),
+            start_timeout=self.settings.start_timeout or qemu.boot_timeout,
+            log_path=log_path,
+            ready_probe=ready_probe,
+        )
+
+    def _claim_fixed_port(self, target: Target, port: int) -> None:
+        """IOCs with their startup files compiled in share one CA port: one at a time."""
+        for ioc in self.iocs.live():
+            if ioc.ca_address[1] == port and ioc.is_running():
+                raise IocStartError(
+                    f"another IOC already serves CA on port {port}",
+                    target=target.name,
+                    seen=f"{ioc.name} ({ioc.target.name}) has the port its boot image fixes",
+                    hint="IOCs whose startup files are compiled into the boot image (qemu.serve_startup: "
+                    "false) can't run side by side; serve st.cmd over TFTP to give each IOC its own port",
+                )
 
     def close(self) -> list[str]:
         """Stop every IOC of the session; return how to reach the kept ones."""

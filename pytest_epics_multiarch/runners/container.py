@@ -21,11 +21,9 @@ from testcontainers.core.container import DockerContainer
 from ..console import Console
 from ..engine import LABEL_CA_PORT, LABEL_TARGET, Engine
 from ..errors import IocError, IocStartError, tail_lines
-from .base import free_port
+from .base import free_port, wait_until_ready
 
 log = logging.getLogger("pytest_epics_multiarch.runners.container")
-
-READY_TEXT = "iocRun: All initialization complete"
 
 #: Docker's messages when a published port was taken between choosing it and binding it.
 _PORT_TAKEN = ("port is already allocated", "address already in use")
@@ -149,27 +147,13 @@ class ContainerIoc:
         )
 
     def _wait_ready(self, started: float) -> None:
-        console = self._require_console()
-        deadline = started + self.start_timeout
-        try:
-            console.expect(READY_TEXT, max(deadline - time.monotonic(), 0.1), alive=self.is_running)
-        except IocError as exc:
-            raise self._start_error("the IOC did not reach iocRun", exc.seen) from None
-        if self.ready_probe is None:
-            return
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if not self.is_running():
-                raise self._start_error("the IOC exited after iocRun", None)
-            try:
-                self.ready_probe(self.ca_address)
-                return
-            except Exception as exc:  # the probe raises CA errors until the PV answers
-                last = exc
-                time.sleep(0.1)
-        raise self._start_error(
-            "the readiness PV did not answer over Channel Access",
-            str(last).splitlines()[0] if last else None,
+        wait_until_ready(
+            console=self._require_console(),
+            deadline=started + self.start_timeout,
+            is_running=self.is_running,
+            probe=self.ready_probe,
+            address=self.ca_address,
+            fail=self._start_error,
         )
 
     def _start_error(self, what: str, seen: str | None) -> IocStartError:
@@ -179,7 +163,7 @@ class ContainerIoc:
         return IocStartError(
             f"{what} ({self.name})",
             target=self.target,
-            seen=f"{seen} after {self.start_timeout:.0f} s" if seen and "exited" not in seen else seen,
+            seen=seen,
             tail=tail_lines(self.logs(), 25),
             hint="read the IOC log above; if the IOC is just slow, raise ioc.start_timeout "
             "in epics-multiarch.yaml",

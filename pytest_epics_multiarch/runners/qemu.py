@@ -1,0 +1,279 @@
+"""Emulated IOCs: boot a payload under QEMU, serve its startup files over TFTP, drive its console.
+
+QEMU runs in its own process group with the serial console on stdio. The runner lays out the
+TFTP folder the IOC reads (``epics/<hostname>/st.cmd`` plus the files it loads), moving the CA
+server to a free port N with ``epicsEnvSet`` before ``iocInit``, and forwards N (TCP and UDP)
+from 127.0.0.1. Stopping escalates: QMP ``quit``, then SIGTERM, then SIGKILL to the group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..console import Console
+from ..errors import IocError, IocStartError, tail_lines
+from ..payload import Payload
+from .base import free_port, wait_until_ready
+from .profiles import QemuProfile, QemuSettings, TftpLayout, fatal_patterns, inject_ca_port
+
+log = logging.getLogger("pytest_epics_multiarch.runners.qemu")
+
+#: What QEMU prints when a hostfwd port was taken between choosing it and binding it.
+_PORT_TAKEN = "Could not set up host forwarding rule"
+
+
+class QemuIoc:
+    """One emulated IOC: ``start()`` returns once it serves Channel Access."""
+
+    def __init__(
+        self,
+        *,
+        target: str,
+        profile: QemuProfile,
+        payload: Payload,
+        settings: QemuSettings,
+        work_dir: Path,
+        start_timeout: float,
+        log_path: Path | None = None,
+        ready_probe: Callable[[tuple[str, int]], None] | None = None,
+    ) -> None:
+        self.target = target
+        self.profile = profile
+        self.payload = payload
+        self.settings = settings
+        self.work_dir = work_dir
+        self.start_timeout = start_timeout
+        self.log_path = log_path
+        self.ready_probe = ready_probe
+        self.ca_address: tuple[str, int] = ("127.0.0.1", 0)
+        self.name = f"qemu {profile.name} ({payload.kernel.name})"
+        self.start_seconds = 0.0
+        self.argv: list[str] = []
+        self._process: subprocess.Popen[bytes] | None = None
+        self._console: Console | None = None
+        self._stopped = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> QemuIoc:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        started = time.monotonic()
+        if shutil.which(self.profile.binary) is None:
+            raise IocStartError(
+                f"{self.profile.binary} is not installed",
+                target=self.target,
+                seen=f"QEMU profile {self.profile.name} boots with {self.profile.binary}",
+                hint="install QEMU (Debian: apt-get install qemu-system-ppc qemu-system-data)",
+            )
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(5):
+            port = free_port() if self.settings.serve_startup else self.settings.ca_port
+            self._launch(port)
+            try:
+                wait_until_ready(
+                    console=self._require_console(),
+                    deadline=started + self.start_timeout,
+                    is_running=self.is_running,
+                    probe=self.ready_probe,
+                    address=self.ca_address,
+                    fail=self._start_error,
+                    fatal=fatal_patterns(),
+                )
+                break
+            except IocStartError:
+                if _PORT_TAKEN in self.logs() and self.settings.serve_startup and attempt < 4:
+                    log.info("%s: port %d was taken meanwhile, trying another", self.target, port)
+                    self._kill()
+                    continue
+                raise
+        self.start_seconds = time.monotonic() - started
+
+    def layout_tftp(self, port: int) -> TftpLayout | None:
+        """The TFTP root the IOC reads its startup files from (None when they are built in)."""
+        if not self.settings.serve_startup:
+            return None
+        layout = TftpLayout(self.work_dir / "tftp", self.settings.hostname)
+        if layout.root.exists():
+            shutil.rmtree(layout.root)
+        layout.folder.parent.mkdir(parents=True)
+        if self.payload.assets is not None and self.payload.assets.is_dir():
+            # Hard links: the assets may be large (a kernel beside them) and are never written.
+            shutil.copytree(self.payload.assets, layout.folder, copy_function=_link_or_copy)
+        else:
+            layout.folder.mkdir()
+        if self.payload.startup is None:
+            raise IocStartError(
+                "no startup script to serve",
+                target=self.target,
+                hint="set ioc.startup (or qemu.startup) to the st.cmd path inside the image, or "
+                "qemu.serve_startup: false when the startup files are compiled into the boot image",
+            )
+        text = self.payload.startup.read_text()
+        if layout.st_cmd.exists():
+            layout.st_cmd.unlink()  # a hard link into the payload: never write through it
+        layout.st_cmd.write_text(inject_ca_port(text, port))
+        return layout
+
+    def _launch(self, port: int) -> None:
+        self._kill()
+        self.ca_address = ("127.0.0.1", port)
+        layout = self.layout_tftp(port)
+        qmp = self.work_dir / "qmp.sock"
+        if qmp.exists():
+            qmp.unlink()
+        self.argv = self.profile.command(
+            kernel=self.payload.kernel,
+            port=port,
+            hostname=self.settings.hostname,
+            tftp_root=layout.root if layout else None,
+            bios=self.payload.bios,
+            initrd=self.payload.initrd,
+            qmp_socket=qmp,
+        )
+        log.info("%s: %s", self.target, " ".join(self.argv))
+        if self.log_path is not None:
+            with open(self.log_path, "a") as log_file:
+                log_file.write("$ " + " ".join(self.argv) + "\n")
+        process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=self.work_dir,
+            start_new_session=True,  # its own process group: stop() signals QEMU and anything it spawned
+        )
+        self._process = process
+        assert process.stdout is not None and process.stdin is not None
+        stdout_fd, stdin = process.stdout.fileno(), process.stdin
+
+        def write(data: bytes) -> None:
+            stdin.write(data)
+            stdin.flush()
+
+        self._console = Console(
+            lambda: os.read(stdout_fd, 65536),
+            write,
+            name=self.name,
+            target=self.target,
+            log_path=self.log_path,
+        )
+
+    def _start_error(self, what: str, seen: str | None) -> IocStartError:
+        code = self._process.poll() if self._process else None
+        if code is not None:
+            seen = f"QEMU exited with code {code}"
+        return IocStartError(
+            f"{what} ({self.name})",
+            target=self.target,
+            seen=seen,
+            tail=tail_lines(self.logs(), 25),
+            hint="read the console above; the command line is at the top of the console log "
+            f"({self.log_path}); raise qemu.boot_timeout if the boot is just slow",
+        )
+
+    def stop(self) -> None:
+        """Stop QEMU and everything in its process group; safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._kill()
+        shutil.rmtree(self.work_dir / "tftp", ignore_errors=True)
+
+    def _kill(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            self._quit_via_qmp()
+            if not _wait(process, 2.0):
+                _signal_group(process.pid, signal.SIGTERM)
+                if not _wait(process, 3.0):
+                    _signal_group(process.pid, signal.SIGKILL)
+                    _wait(process, 5.0)
+        if process is not None:
+            _signal_group(process.pid, signal.SIGKILL)  # stragglers of the group, if any
+            for stream in (process.stdin, process.stdout):
+                try:
+                    if stream is not None:
+                        stream.close()
+                except OSError:
+                    pass
+        if self._console is not None:
+            self._console.close()
+
+    def _quit_via_qmp(self) -> None:
+        path = self.work_dir / "qmp.sock"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(1.0)
+                sock.connect(str(path))
+                sock.recv(4096)  # the greeting
+                for command in ({"execute": "qmp_capabilities"}, {"execute": "quit"}):
+                    sock.sendall(json.dumps(command).encode() + b"\n")
+                    sock.recv(4096)
+        except OSError:
+            pass  # SIGTERM follows
+
+    # -- what tests use ----------------------------------------------------------------------
+
+    def _require_console(self) -> Console:
+        if self._console is None:
+            raise IocError(f"{self.name} has no console (not started)", target=self.target)
+        return self._console
+
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def logs(self) -> str:
+        return self._console.text() if self._console else ""
+
+    def iocsh(self, command: str, timeout: float = 10.0) -> str:
+        return self._require_console().run(command, timeout, alive=self.is_running)
+
+    def reach_hint(self) -> str:
+        host, port = self.ca_address
+        pid = self._process.pid if self._process else "?"
+        return (
+            f"{self.target}: QEMU pid {pid} serves CA on {host}:{port} "
+            f"(EPICS_CA_ADDR_LIST={host}:{port} EPICS_CA_AUTO_ADDR_LIST=NO caget ...); "
+            f"stop: kill -- -{pid}"
+        )
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _wait(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    try:
+        process.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
