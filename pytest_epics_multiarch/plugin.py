@@ -7,6 +7,7 @@ out what it makes. Fixtures layer from general to specific: ``ioc_target`` -> ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Generator, Iterator
@@ -123,7 +124,12 @@ class _Progress:
     def __call__(self, message: str) -> None:
         log.info(message)
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None and self.config.getoption("verbose") >= 0:
+        if reporter is None or self.config.getoption("verbose") < 0:
+            return
+        # Progress comes during fixture setup, while pytest captures output: step around it.
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.ensure_newline()
             reporter.write_line(f"epics-multiarch: {message}")
 
 
