@@ -799,7 +799,7 @@ def _caproto_refusal(response: Any) -> str | None:
         text = f"{code.name} ({code.description})"
         return f"{text}: {message}" if message else text
     status = getattr(response, "status", None)
-    code = getattr(status, "value", None)
+    code = getattr(status, "value", status)
     if code is not None and not code.success:
         return f"{code.name} ({code.description})"
     return None
