@@ -21,6 +21,8 @@ from .errors import IocError, tail_lines
 # CSI sequences (readline's bracketed paste and cursor moves) and stray carriage returns.
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\r")
 _markers = itertools.count(1)
+#: An iocsh prompt waiting for input at the end of the output: ``epics> `` or ``<hostname>> ``.
+_PROMPT_AT_END = re.compile(r"(?:^|\n)[\w.:-]*> $")
 
 
 def clean(text: str) -> str:
@@ -127,18 +129,37 @@ class Console:
         with self._lock:
             marker = f"EPICS_MULTIARCH_DONE_{next(_markers)}"
             start = self.position()
+            deadline = time.monotonic() + timeout
             self._write(f"{command}\n".encode())
+            # A serial console echoes input as it arrives: typing the marker line while the
+            # command still prints would interleave the two. Wait until the shell is idle.
+            self._wait_idle(start, deadline)
             self._write(f"echo {marker}\n".encode())
             # echo's output ends a line, maybe right after the prompt (``epics> MARKER``); the
             # tty's echo of our input has "echo " in front of it.
             done = self.expect(
                 rf"(?m)(?<!echo ){marker}[ \t]*$",
-                timeout,
+                max(deadline - time.monotonic(), 0.1),
                 start=start,
                 alive=alive,
                 what=f"output of {command!r}",
             )
             return _strip_command_output(self.text()[start : done.start()], command, marker)
+
+    def _wait_idle(self, start: int, deadline: float, quiet: float = 0.3) -> None:
+        """Until a prompt ends the output after ``start``, or nothing arrived for ``quiet`` s."""
+        last_size, last_change = self.position(), time.monotonic()
+        while time.monotonic() < deadline and not self._closed:
+            text = self.text(start)
+            if text and _PROMPT_AT_END.search(text):
+                return
+            size = self.position()
+            if size != last_size:
+                last_size, last_change = size, time.monotonic()
+            elif time.monotonic() - last_change >= quiet and size > start:
+                return
+            with self._cond:
+                self._cond.wait(0.05)
 
     def close(self) -> None:
         if self._log_file is not None:
