@@ -28,6 +28,7 @@ from .errors import (
 from .images import ImageResult
 from .ioc import Ioc
 from .reporting import Matrix
+from .runners.profiles import profile_names
 from .session import EpicsSession
 from .targets import Target, builtin_targets, validate_names
 
@@ -252,8 +253,9 @@ def _ioc_scope(fixture_name: str, config: pytest.Config) -> str:
 def _start(request: pytest.FixtureRequest, target: Target, image: ImageResult) -> Ioc:
     if not target.can_run:
         pytest.skip(
-            f"[{target.name}] build-only target: no QEMU model boots BSP {target.variant or target.arch}; "
-            "boot tests run on an emulated BSP build of the same Dockerfile (e.g. rtems/powerpc)"
+            f"[{target.name}] build-only target: no QEMU model boots BSP {target.variant or target.arch} "
+            f"(QEMU profiles: {', '.join(profile_names())}); boot tests run on an emulated BSP "
+            "build of the same Dockerfile (e.g. rtems/powerpc)"
         )
     session = _session(request)
     try:
