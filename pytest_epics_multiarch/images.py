@@ -8,12 +8,16 @@ inputs, so ``auto`` can tell an up-to-date local image from a stale one without 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import logging
 import os
 import subprocess
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +156,7 @@ class ImageResolver:
         build_timeout: float,
         log_dir: Callable[[], Path],
         progress: Progress,
+        run_id: str = "",
     ) -> None:
         self._engine_factory = engine_factory
         self._build_cli_factory = build_cli_factory
@@ -160,6 +165,9 @@ class ImageResolver:
         self.build_timeout = build_timeout
         self.log_dir = log_dir
         self.progress = progress
+        #: Shared by the processes of one run (xdist workers): a variant is built once per run.
+        self.run_id = run_id or uuid.uuid4().hex
+        self._markers: list[Path] = []
         self._results: dict[tuple[str, str], ImageResult | BaseException] = {}
 
     def resolve(self, config: ProjectConfig, target: Target) -> ImageResult:
@@ -177,6 +185,12 @@ class ImageResolver:
 
     def results(self) -> dict[tuple[str, str], ImageResult | BaseException]:
         return dict(self._results)
+
+    def close(self) -> None:
+        """Forget this run's "built" markers (the lock files stay for the next run)."""
+        for marker in self._markers:
+            marker.unlink(missing_ok=True)
+        self._markers.clear()
 
     # -- the policies ---------------------------------------------------------------------
 
@@ -271,16 +285,24 @@ class ImageResolver:
             inputs = build_inputs_digest(
                 build.context, build.dockerfile, args, variant.stage, target.platform, base_ids
             )
-            image_id = engine.image_id(variant.ref)
-            if reuse and image_id and _label(engine, variant.ref, LABEL_INPUTS) == inputs:
-                log.info("%s: %s is up to date", target.name, variant.ref)
-            else:
-                seconds, log_path = self._run_build(variant, build.context, build.dockerfile, args, inputs)
-                total += seconds
-                how = "built"
+            # One build per variant across the processes of a run (pytest-xdist workers): the
+            # first takes the lock and builds, the others find the result when they get it.
+            with build_lock(variant.ref, self.run_id) as already_built:
                 image_id = engine.image_id(variant.ref)
-                if self.push:
-                    self._push(engine, variant)
+                current = image_id is not None and _label(engine, variant.ref, LABEL_INPUTS) == inputs
+                if current and (reuse or already_built.exists()):
+                    log.info("%s: %s is up to date", target.name, variant.ref)
+                else:
+                    seconds, log_path = self._run_build(
+                        variant, build.context, build.dockerfile, args, inputs
+                    )
+                    total += seconds
+                    how = "built"
+                    image_id = engine.image_id(variant.ref)
+                    if self.push:
+                        self._push(engine, variant)
+                    already_built.touch()
+                    self._markers.append(already_built)
             stages[variant.stage] = variant.ref
             if variant.stage == build.run_stage:
                 result_id = image_id or ""
@@ -370,6 +392,20 @@ class ImageResolver:
             raise ImageError(
                 f"pushing {variant.ref} failed", target=variant.target.name, seen=str(exc)
             ) from exc
+
+
+@contextlib.contextmanager
+def build_lock(ref: str, run_id: str) -> Iterator[Path]:
+    """Hold the machine-wide lock of ``ref``; yield the marker file of "built in this run"."""
+    folder = Path(tempfile.gettempdir()) / "pytest-epics-multiarch-locks"
+    folder.mkdir(exist_ok=True)
+    key = hashlib.sha256(ref.encode()).hexdigest()[:16]
+    with open(folder / f"{key}.lock", "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield folder / f"{key}.{run_id}.built"
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _label(engine: Engine, ref: str, key: str) -> str | None:

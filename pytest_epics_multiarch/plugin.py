@@ -19,6 +19,7 @@ import pytest
 from . import settings as settings_mod
 from .ca import CAClient
 from .config import ProjectConfig, find_config, find_configs_below, load_config
+from .engine import Owner
 from .errors import (
     ConfigError,
     EngineUnavailable,
@@ -30,7 +31,7 @@ from .ioc import Ioc
 from .reporting import Matrix
 from .runners.profiles import profile_names
 from .session import EpicsSession
-from .targets import Target, builtin_targets, validate_names
+from .targets import Target, TargetRegistry, builtin_targets, validate_names
 
 log = logging.getLogger("pytest_epics_multiarch")
 
@@ -111,8 +112,18 @@ def pytest_configure(config: pytest.Config) -> None:
             validate_names(resolved.arch, _known_target_names(config, resolved.config))
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
-    config.stash[session_key] = EpicsSession(resolved, progress=_Progress(config))
-    matrix = config.stash[matrix_key] = Matrix()
+    # pytest-xdist workers share the run's id: one session label, one build per variant.
+    workerinput = getattr(config, "workerinput", None)
+    run_id = str(workerinput["testrunuid"])[:12] if workerinput else None
+    session = EpicsSession(resolved, progress=_Progress(config), owner=Owner.current(run_id))
+    config.stash[session_key] = session
+    try:
+        registry = project.registry if project else TargetRegistry()
+        names = resolved.arch or (project.default_targets if project else ()) or ("linux/amd64",)
+        selected = [target.name for target in registry.resolve(names)]
+    except ConfigError:
+        selected = list(resolved.arch)  # a name only a nested config defines: counted when it runs
+    matrix = config.stash[matrix_key] = Matrix(selected)
     config.pluginmanager.register(MatrixRecorder(matrix), "epics-multiarch-matrix")
 
 
@@ -173,16 +184,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     only = _marker_names(metafunc.definition, "arch")
     skip = _marker_names(metafunc.definition, "skip_arch") or []
     chosen = [t.name for t in targets if (only is None or t.name in only) and t.name not in skip]
-    for name in chosen:
-        metafunc.config.stash[matrix_key].result(name)
+    if not chosen:
+        why = f"runs on {', '.join(only)}" if only is not None else f"skips {', '.join(skip)}"
+        selected = ", ".join(t.name for t in targets)
+        reason = f"this test {why}; the selected targets are {selected}"
+        metafunc.parametrize(
+            TARGET_FIXTURE, [pytest.param("", marks=pytest.mark.skip(reason=reason))], ids=["no-target"]
+        )
+        return
     metafunc.parametrize(TARGET_FIXTURE, chosen, indirect=True, ids=chosen, scope="module")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and TARGET_FIXTURE in callspec.params:
-            name = str(callspec.params[TARGET_FIXTURE])
+        name = callspec.params.get(TARGET_FIXTURE) if callspec is not None else None
+        if isinstance(name, str) and name:
             item.stash[item_target_key] = name
             # JUnit XML shows the target as a property of each test case.
             item.user_properties.append(("target", name))
@@ -240,9 +257,6 @@ def ioc_image(request: pytest.FixtureRequest, ioc_target: Target) -> ImageResult
     except EpicsMultiarchError as exc:
         _skip_or_raise(exc)
         raise
-    result = request.config.stash[matrix_key].result(ioc_target.name)
-    result.image, result.digest = image.ref, image.digest
-    result.image_how, result.build_s = image.how, image.seconds
     return image
 
 
@@ -265,8 +279,6 @@ def _start(request: pytest.FixtureRequest, target: Target, image: ImageResult) -
         raise
     # Register the stop before anything else can fail.
     request.addfinalizer(lambda: session.iocs.release(ioc))
-    result = request.config.stash[matrix_key].result(target.name)
-    result.start_s = max(result.start_s, float(getattr(ioc.runner, "start_seconds", 0.0)))
     return ioc
 
 
@@ -317,6 +329,11 @@ def ioc_factory(
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report: pytest.TestReport = yield
+    target = item.stash.get(item_target_key, None)
+    epics = item.config.stash.get(session_key, None)
+    if target and epics is not None:
+        # Travels with the report (to the xdist controller too) for the matrix.
+        report.epics = epics.target_info(target)  # type: ignore[attr-defined]
     if report.failed:
         iocs: list[Ioc] = list(item.stash.get(item_iocs_key, ()))
         module_ioc = getattr(item, "funcargs", {}).get("ioc")
@@ -347,8 +364,12 @@ class MatrixRecorder:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         target = dict(report.user_properties).get("target")
-        if target:
-            record_outcome(self.matrix, str(target), report)
+        if not target:
+            return
+        record_outcome(self.matrix, str(target), report)
+        info = getattr(report, "epics", None)
+        if isinstance(info, dict):
+            self.matrix.note(str(target), info)
 
 
 def record_outcome(matrix: Matrix, target: str, report: pytest.TestReport) -> None:
@@ -380,6 +401,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     hints = epics.close()
     config.stash[_kept_key] = hints
+    if hasattr(config, "workerinput"):
+        return  # the xdist controller reports for the whole run
     matrix = config.stash[matrix_key]
     if epics.settings.report is not None:
         matrix.write(epics.settings.report)
@@ -397,7 +420,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if epics is None:
         return
     matrix = config.stash[matrix_key]
-    if matrix.targets:
+    s = epics.settings
+    # A run with no IOC test (e.g. this project's unit tests) shows no matrix unless asked for.
+    if matrix.targets and (matrix.counted() or s.arch or s.gate or s.report):
         terminalreporter.section("epics-multiarch target matrix")
         for line in matrix.table():
             terminalreporter.write_line(line)

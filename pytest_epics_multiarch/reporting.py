@@ -107,6 +107,22 @@ class Matrix:
                 result.failed += 1
             result.failures.append({"test": nodeid, "reason": reason.splitlines()[0] if reason else outcome})
 
+    def counted(self) -> int:
+        """How many test outcomes were recorded, all targets together."""
+        return sum(r.passed + r.failed + r.skipped + r.errors for r in self.targets.values())
+
+    def note(self, target: str, info: Mapping[str, Any]) -> None:
+        """Image and start-up facts of a target, as a test report carries them."""
+        result = self.result(target)
+        if info.get("image"):
+            result.image = str(info["image"])
+            result.digest = str(info.get("digest", ""))
+            result.image_how = str(info.get("how", ""))
+            result.build_s = max(result.build_s, float(info.get("build_s", 0.0)))
+        result.start_s = max(result.start_s, float(info.get("start_s", 0.0)))
+        if info.get("reason") and not result.reason:
+            result.reason = str(info["reason"])
+
     def gate_problems(self) -> dict[str, str]:
         return {name: why for name, r in self.targets.items() if (why := r.gate_problem())}
 
@@ -145,3 +161,50 @@ class Matrix:
             if r.reason and r.status in ("skipped", "error"):
                 lines.append(f"{name}: {r.reason}")
         return lines
+
+
+class ReportError(ValueError):
+    """A report file that can't be read or isn't a pytest-epics-multiarch report."""
+
+
+def load_report(path: Path) -> Matrix:
+    """Read one ``--epics-report`` file back into a matrix."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot read it ({exc.strerror})") from exc
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
+        raise ReportError(f"{path}: not a schema {REPORT_SCHEMA} pytest-epics-multiarch report")
+    targets = data.get("targets")
+    if not isinstance(targets, dict):
+        raise ReportError(f"{path}: 'targets' must be a mapping of target name to result")
+    matrix = Matrix()
+    for name, entry in targets.items():
+        if not isinstance(entry, dict):
+            raise ReportError(f"{path}: targets.{name} must be a mapping")
+        try:
+            matrix.targets[str(name)] = TargetResult.from_json(str(name), entry)
+        except (TypeError, ValueError) as exc:
+            raise ReportError(f"{path}: targets.{name}: {exc}") from exc
+    return matrix
+
+
+def merge(matrices: Iterable[Matrix]) -> Matrix:
+    """One matrix from several (a CI job per target): counts of a target seen twice add up."""
+    merged = Matrix()
+    for matrix in matrices:
+        for name, result in matrix.targets.items():
+            into = merged.result(name)
+            into.passed += result.passed
+            into.failed += result.failed
+            into.skipped += result.skipped
+            into.errors += result.errors
+            into.failures.extend(result.failures)
+            into.image = into.image or result.image
+            into.digest = into.digest or result.digest
+            into.build_s = max(into.build_s, result.build_s)
+            into.start_s = max(into.start_s, result.start_s)
+            into.reason = into.reason or result.reason
+    return merged

@@ -10,6 +10,7 @@ import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigCache, ProjectConfig
 from .engine import BuildCli, Engine, Owner, find_build_cli
@@ -52,6 +53,7 @@ class EpicsSession:
             build_timeout=settings.build_timeout,
             log_dir=self.log_dir,
             progress=progress,
+            run_id=self.owner.session,
         )
         self.iocs = IocPool(
             self._make_runner,
@@ -201,6 +203,22 @@ class EpicsSession:
                     "false) can't run side by side; serve st.cmd over TFTP to give each IOC its own port",
                 )
 
+    def target_info(self, target: str) -> dict[str, Any]:
+        """What the matrix shows of a target: its image and its IOCs' start-up seconds."""
+        info: dict[str, Any] = {}
+        for (_, name), result in self.images.results().items():
+            if name != target:
+                continue
+            if isinstance(result, ImageResult):
+                info.update(image=result.ref, digest=result.digest, how=result.how, build_s=result.seconds)
+            else:
+                info["reason"] = str(result).splitlines()[0]
+        starts = self.iocs.start_seconds.get(target)
+        if starts:
+            info["start_s"] = max(starts)
+        return info
+
     def close(self) -> list[str]:
         """Stop every IOC of the session; return how to reach the kept ones."""
+        self.images.close()
         return self.iocs.stop_all()
