@@ -25,6 +25,24 @@ def our_containers() -> set[str]:
         client.close()
 
 
+def sample_config_with_tag(folder: Path, tag: str) -> Path:
+    """A copy of the sample's config that names its images with ``tag`` (built from the sample)."""
+    text = (SAMPLE / "epics-multiarch.yaml").read_text()
+    assert 'tag: "dev"' in text and "context: ." in text
+    path = folder / "epics-multiarch.yaml"
+    path.write_text(text.replace('tag: "dev"', f'tag: "{tag}"').replace("context: .", f"context: {SAMPLE}"))
+    return path
+
+
+def remove_images_tagged(tag: str) -> list[str]:
+    """Remove the image tags ending in ``:tag`` (only names a test made); return them."""
+    client = docker.from_env()
+    refs = [ref for image in client.images.list() for ref in image.tags if ref.endswith(":" + tag)]
+    for ref in refs:
+        client.images.remove(ref)
+    return refs
+
+
 @pytest.fixture
 def no_leftover_containers() -> Iterator[None]:
     """Fails the test when it leaves a container of the plugin behind."""

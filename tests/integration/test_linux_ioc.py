@@ -16,7 +16,7 @@ from pytest_epics_multiarch.engine import LABEL_SESSION, Owner
 from pytest_epics_multiarch.session import EpicsSession
 from pytest_epics_multiarch.settings import Settings
 
-from .conftest import BASE_IMAGE, SAMPLE
+from .conftest import BASE_IMAGE, SAMPLE, remove_images_tagged, sample_config_with_tag
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.usefixtures("subprocess_env")]
 
@@ -71,13 +71,7 @@ def test_ca_ports_are_published_on_loopback_only(tmp_path: Path) -> None:
 def test_push_then_pull_through_the_local_registry(pytester: pytest.Pytester, tmp_path: Path) -> None:
     """--epics-push publishes to the sample's 127.0.0.1 registry; policy pull gets it back."""
     tag = f"pushpull{Owner.current().session}"
-    config = tmp_path / "epics-multiarch.yaml"
-    config.write_text(
-        (SAMPLE / "epics-multiarch.yaml")
-        .read_text()
-        .replace('tag: "dev"', f'tag: "{tag}"')
-        .replace("context: .", f"context: {SAMPLE}")
-    )
+    config = sample_config_with_tag(tmp_path, tag)
     args = [
         str(SAMPLE / "tests" / "test_sample_ioc.py"),
         "--arch=linux/amd64",
@@ -87,25 +81,43 @@ def test_push_then_pull_through_the_local_registry(pytester: pytest.Pytester, tm
         "-k",
         "message",
     ]
-    client = docker.from_env()
-    refs: list[str] = []
     try:
         pushed = pytester.runpytest_subprocess(*args, "--epics-image-policy=build", "--epics-push")
         pushed.stdout.fnmatch_lines(["*pushing *sample-ioc-runtime:" + tag + "*"])
         assert pushed.ret == 0, pushed.stdout.str()
-        refs = [ref for image in client.images.list() for ref in image.tags if ref.endswith(":" + tag)]
-        assert len(refs) == 2  # developer and runtime
-        for ref in refs:  # only the tags this test made
-            client.images.remove(ref)
+        assert len(remove_images_tagged(tag)) == 2  # developer and runtime, now only in the registry
         pulled = pytester.runpytest_subprocess(*args, "--epics-image-policy=pull")
         pulled.stdout.fnmatch_lines(["*pulled *sample-ioc-runtime:" + tag + "*"])
         assert pulled.ret == 0, pulled.stdout.str()
     finally:
-        for ref in refs:
-            try:
-                client.images.remove(ref)
-            except docker.errors.ImageNotFound:
-                pass
+        remove_images_tagged(tag)
+
+
+def test_xdist_builds_each_variant_once(
+    pytester: pytest.Pytester, tmp_path: Path, no_leftover_containers: None
+) -> None:
+    tag = f"xdist{Owner.current().session}"
+    config = sample_config_with_tag(tmp_path, tag)
+    basetemp = tmp_path / "basetemp"
+    try:
+        result = pytester.runpytest_subprocess(
+            str(SAMPLE / "tests"),
+            "-n",
+            "2",
+            "--arch=linux/amd64",
+            f"--epics-config={config}",
+            "--epics-image-policy=build",
+            f"--basetemp={basetemp}",
+            "-p",
+            "no:cacheprovider",
+        )
+        result.assert_outcomes(passed=15)
+        result.stdout.fnmatch_lines(["linux/amd64*passed*15*0*0*0"])
+        # Each worker logs the builds it ran: two stages, built once in all.
+        builds = sorted(p.name for p in basetemp.rglob("build-*.log"))
+        assert len(builds) == 2, builds
+    finally:
+        remove_images_tagged(tag)
 
 
 def test_a_failing_build_fails_only_its_target(
