@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,24 @@ def pytest_configure(config: pytest.Config) -> None:
         selected = list(resolved.arch)  # a name only a nested config defines: counted when it runs
     matrix = config.stash[matrix_key] = Matrix(selected)
     config.pluginmanager.register(MatrixRecorder(matrix), "epics-multiarch-matrix")
+    _terminate_like_interrupt(config)
+
+
+def _terminate_like_interrupt(config: pytest.Config) -> None:
+    """SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so IOCs and emulators are stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return  # someone else's handler: leave it
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    config.add_cleanup(restore)
 
 
 class _Progress:

@@ -1,0 +1,100 @@
+"""The emulated path for real: the sample's PowerPC guest target booted through the QEMU runner.
+
+The guest is a ppc64el Linux built from Debian packages (no RTEMS toolchain is reachable from
+these machines); its image goes through exactly what an RTEMS qemuprep image goes through:
+payload out of the runtime image, startup files over QEMU's TFTP with the CA port injected,
+boot, console readiness, Channel Access from the host over hostfwd, iocsh on the console.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_epics_multiarch.errors import IocStartError
+from pytest_epics_multiarch.session import EpicsSession
+from pytest_epics_multiarch.settings import Settings
+
+from .conftest import SAMPLE
+
+GUEST = "linux/ppc64le"
+
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.qemu,
+    pytest.mark.slow,
+    pytest.mark.usefixtures("subprocess_env"),
+]
+
+
+def qemu_processes() -> set[str]:
+    found = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True, check=False)
+    return set(found.stdout.split())
+
+
+@pytest.fixture
+def no_leftover_qemu() -> Iterator[None]:
+    before = qemu_processes()
+    yield
+    left = qemu_processes() - before
+    assert not left, f"QEMU processes left behind: {left}"
+
+
+def test_sample_tests_pass_on_the_powerpc_guest(
+    pytester: pytest.Pytester, no_leftover_qemu: None, no_leftover_containers: None
+) -> None:
+    result = pytester.runpytest_subprocess(str(SAMPLE), f"--arch={GUEST}", "-v", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(
+        [
+            f"*test_doubled_follows_setpoint?{GUEST}? PASSED*",
+            f"*test_iocsh_shows_the_value?{GUEST}? PASSED*",
+            f"*test_each_client_reads_its_own_ioc?{GUEST}? PASSED*",
+            f"{GUEST}*passed*",
+        ]
+    )
+    assert result.ret == 0, result.stdout.str()
+
+
+def test_boot_get_put_console_and_stop(tmp_path: Path, no_leftover_qemu: None) -> None:
+    session = EpicsSession(Settings(arch=(GUEST,)), work_dir=tmp_path, progress=lambda m: None)
+    config = session.config_for(SAMPLE / "tests")
+    target = config.target(GUEST)
+    try:
+        ioc = session.start_ioc(config, target, session.image(config, target))
+        host, port = ioc.ca_address
+        assert host == "127.0.0.1"
+        assert f"hostfwd=tcp:127.0.0.1:{port}-:{port}" in " ".join(ioc.runner.argv)  # type: ignore[attr-defined]
+        assert "iocRun: All initialization complete" in ioc.logs()
+        ioc.ca.put("SAMPLE:SETPOINT", 21.5)
+        assert ioc.ca.wait_for("SAMPLE:DOUBLED", 43.0, timeout=10) == 43.0
+        assert "21.5" in ioc.iocsh("dbgf SAMPLE:SETPOINT")
+        assert list(tmp_path.glob("ioc-*/tftp/epics/*/st.cmd"))
+    finally:
+        session.close()
+    # The TFTP folder with the served st.cmd goes with the IOC.
+    assert not list(tmp_path.glob("ioc-*/tftp"))
+
+
+def test_a_guest_that_never_gets_ready_times_out_clearly(tmp_path: Path, no_leftover_qemu: None) -> None:
+    # A startup script without iocInit: the guest boots and waits at its prompt forever.
+    session = EpicsSession(
+        Settings(arch=(GUEST,), start_timeout=30.0), work_dir=tmp_path, progress=lambda m: None
+    )
+    config = session.config_for(SAMPLE / "tests")
+    target = config.target(GUEST)
+    never = {**config.qemu[GUEST], "startup": "/epics/ioc/db/sample.db"}
+    config = dataclasses.replace(config, qemu={**config.qemu, GUEST: never})
+    try:
+        with pytest.raises(IocStartError) as info:
+            session.start_ioc(config, target, session.image(config, target))
+    finally:
+        session.close()
+    text = str(info.value)
+    assert text.startswith(f"[{GUEST}] the IOC did not reach iocRun")
+    assert "no match within 30 s" in text
+    assert "last" in text and "| " in text  # the console tail
+    assert "Hint:" in text and "boot_timeout" in text
