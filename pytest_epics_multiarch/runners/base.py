@@ -1,4 +1,4 @@
-"""The interface every IOC runner implements, and the CA port each IOC gets."""
+"""The interface every IOC runner implements, what runners share, and each IOC's CA port."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import re
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import Protocol, TypeVar
 
 from ..console import Console
-from ..errors import IocError
+from ..errors import IocError, IocStartError, tail_lines
 
 
 class IocRunner(Protocol):
@@ -52,45 +53,116 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 READY_TEXT = "iocRun: All initialization complete"
 
+ReadyProbe = Callable[[tuple[str, int]], None]
 
-def wait_until_ready(
-    *,
-    console: Console,
-    deadline: float,
-    is_running: Callable[[], bool],
-    probe: Callable[[tuple[str, int]], None] | None,
-    address: tuple[str, int],
-    fail: Callable[[str, str | None], Exception],
-    fatal: Sequence[str] = (),
-) -> None:
-    """Wait for ``iocRun`` on the console, then for the readiness probe to pass.
 
-    Every poll first checks that the IOC still runs, so a crash fails at once; ``fatal`` console
-    texts (an RTEMS exception, a kernel panic) fail at once too. ``fail(what, seen)`` makes the
-    error, which the runner enriches with its log tail.
+class ConsoleRunner:
+    """What the runners share: context management, the console, readiness, start errors.
+
+    Subclasses start the IOC and attach ``self._console`` in ``start()``, then call
+    ``_wait_ready()``; they say how the IOC ended (``_exit_description``) and how to stop it.
     """
-    alternatives = "|".join(re.escape(text) for text in (READY_TEXT, *fatal))
-    try:
-        match = console.expect(
-            alternatives, max(deadline - time.monotonic(), 0.1), alive=is_running, what=READY_TEXT
-        )
-    except IocError as exc:
-        raise fail("the IOC did not reach iocRun", exc.seen) from None
-    if match.group(0) != READY_TEXT:
-        raise fail("the IOC died while starting", f"the console printed {match.group(0)!r}")
-    if probe is None:
-        return
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if not is_running():
-            raise fail("the IOC exited after iocRun", None)
+
+    #: Shown in start errors after the log tail.
+    start_hint = "read the IOC log above"
+
+    def __init__(
+        self,
+        *,
+        target: str,
+        name: str,
+        start_timeout: float,
+        log_path: Path | None,
+        ready_probe: ReadyProbe | None,
+    ) -> None:
+        self.target = target
+        self.name = name
+        self.start_timeout = start_timeout
+        self.log_path = log_path
+        #: Called with the CA address after iocRun; raises until the readiness PV answers.
+        self.ready_probe = ready_probe
+        self.ca_address: tuple[str, int] = ("127.0.0.1", 0)
+        self.start_seconds = 0.0
+        self._console: Console | None = None
+        self._stopped = False
+
+    def __enter__(self: _R) -> _R:
         try:
-            probe(address)
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def is_running(self) -> bool:
+        raise NotImplementedError
+
+    def logs(self) -> str:
+        return self._console.text() if self._console else ""
+
+    def iocsh(self, command: str, timeout: float = 10.0) -> str:
+        return self._require_console().run(command, timeout, alive=self.is_running)
+
+    def _require_console(self) -> Console:
+        if self._console is None:
+            raise IocError(f"{self.name} has no console (not started)", target=self.target)
+        return self._console
+
+    def _exit_description(self) -> str | None:
+        """How the IOC ended ("exited with code 3"), or None while it runs."""
+        return None
+
+    def _wait_ready(self, started: float, fatal: Sequence[str] = ()) -> None:
+        """Wait for ``iocRun`` on the console, then for the readiness probe to pass.
+
+        Every poll first checks that the IOC still runs, so a crash fails at once; ``fatal``
+        console texts (an RTEMS exception, a kernel panic) fail at once too.
+        """
+        deadline = started + self.start_timeout
+        console = self._require_console()
+        alternatives = "|".join(re.escape(text) for text in (READY_TEXT, *fatal))
+        try:
+            match = console.expect(
+                alternatives, max(deadline - time.monotonic(), 0.1), alive=self.is_running, what=READY_TEXT
+            )
+        except IocError as exc:
+            raise self._start_error("the IOC did not reach iocRun", exc.seen) from None
+        if match.group(0) != READY_TEXT:
+            raise self._start_error("the IOC died while starting", f"the console printed {match.group(0)!r}")
+        if self.ready_probe is None:
             return
-        except Exception as exc:  # the probe raises CA errors until the PV answers
-            last = exc
-            time.sleep(0.1)
-    raise fail(
-        "the readiness PV did not answer over Channel Access",
-        str(last).splitlines()[0] if last else None,
-    )
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if not self.is_running():
+                raise self._start_error("the IOC exited after iocRun", None)
+            try:
+                self.ready_probe(self.ca_address)
+                return
+            except Exception as exc:  # the probe raises CA errors until the PV answers
+                last = exc
+                time.sleep(0.1)
+        raise self._start_error(
+            "the readiness PV did not answer over Channel Access",
+            str(last).splitlines()[0] if last else None,
+        )
+
+    def _start_error(self, what: str, seen: str | None) -> IocStartError:
+        return IocStartError(
+            f"{what} ({self.name})",
+            target=self.target,
+            seen=self._exit_description() or seen,
+            tail=tail_lines(self.logs(), 25),
+            hint=self.start_hint,
+        )
+
+
+_R = TypeVar("_R", bound=ConsoleRunner)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,8 @@ from testcontainers.core.container import DockerContainer
 
 from ..console import Console
 from ..engine import LABEL_CA_PORT, LABEL_TARGET, Engine
-from ..errors import IocError, IocStartError, tail_lines
-from .base import free_port, wait_until_ready
+from ..errors import IocError, IocStartError
+from .base import ConsoleRunner, ReadyProbe, free_port
 
 log = logging.getLogger("pytest_epics_multiarch.runners.container")
 
@@ -29,8 +29,12 @@ log = logging.getLogger("pytest_epics_multiarch.runners.container")
 _PORT_TAKEN = ("port is already allocated", "address already in use")
 
 
-class ContainerIoc:
+class ContainerIoc(ConsoleRunner):
     """One soft IOC in a container: ``start()`` returns once it serves Channel Access."""
+
+    start_hint = (
+        "read the IOC log above; if the IOC is just slow, raise ioc.start_timeout in epics-multiarch.yaml"
+    )
 
     def __init__(
         self,
@@ -44,41 +48,25 @@ class ContainerIoc:
         workdir: str | None = None,
         start_timeout: float = 60.0,
         log_path: Path | None = None,
-        ready_probe: Callable[[tuple[str, int]], None] | None = None,
-        name_prefix: str = "epics-ioc",
+        ready_probe: ReadyProbe | None = None,
     ) -> None:
+        super().__init__(
+            target=target,
+            name=f"container of {image}",
+            start_timeout=start_timeout,
+            log_path=log_path,
+            ready_probe=ready_probe,
+        )
         self.engine = engine
         self.image = image
-        self.target = target
         self.labels = dict(labels)
         self.command = list(command) if command else None
         self.environment = dict(environment or {})
         self.workdir = workdir
-        self.start_timeout = start_timeout
-        self.log_path = log_path
-        #: Called with the CA address after iocRun; raises until the readiness PV answers.
-        self.ready_probe = ready_probe
-        self.name_prefix = name_prefix
-        self.ca_address: tuple[str, int] = ("127.0.0.1", 0)
-        self.name = f"container of {image}"
         self._tc: DockerContainer | None = None
-        self._console: Console | None = None
         self._socket: Any = None
-        self._stopped = False
-        self.start_seconds = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
-
-    def __enter__(self) -> ContainerIoc:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         started = time.monotonic()
@@ -146,28 +134,11 @@ class ContainerIoc:
             log_path=self.log_path,
         )
 
-    def _wait_ready(self, started: float) -> None:
-        wait_until_ready(
-            console=self._require_console(),
-            deadline=started + self.start_timeout,
-            is_running=self.is_running,
-            probe=self.ready_probe,
-            address=self.ca_address,
-            fail=self._start_error,
-        )
-
-    def _start_error(self, what: str, seen: str | None) -> IocStartError:
+    def _exit_description(self) -> str | None:
         state = self._state()
         if state.get("Status") == "exited":
-            seen = f"the container exited with code {state.get('ExitCode')}"
-        return IocStartError(
-            f"{what} ({self.name})",
-            target=self.target,
-            seen=seen,
-            tail=tail_lines(self.logs(), 25),
-            hint="read the IOC log above; if the IOC is just slow, raise ioc.start_timeout "
-            "in epics-multiarch.yaml",
-        )
+            return f"the container exited with code {state.get('ExitCode')}"
+        return None
 
     def stop(self) -> None:
         """Remove the container; safe to call twice, and after a failed start."""
@@ -201,11 +172,6 @@ class ContainerIoc:
             raise IocError(f"{self.name} is not running", target=self.target)
         return self._tc.get_wrapped_container()
 
-    def _require_console(self) -> Console:
-        if self._console is None:
-            raise IocError(f"{self.name} has no console (not started)", target=self.target)
-        return self._console
-
     def _state(self) -> dict[str, Any]:
         try:
             container = self._container()
@@ -224,9 +190,6 @@ class ContainerIoc:
             return str(self._container().logs().decode("utf-8", errors="replace")).replace("\r", "")
         except docker.errors.APIError:
             return self._console.text() if self._console else ""
-
-    def iocsh(self, command: str, timeout: float = 10.0) -> str:
-        return self._require_console().run(command, timeout, alive=self.is_running)
 
     def reach_hint(self) -> str:
         host, port = self.ca_address

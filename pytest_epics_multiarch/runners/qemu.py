@@ -16,13 +16,12 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ..console import Console
-from ..errors import IocError, IocStartError, tail_lines
+from ..errors import IocStartError
 from ..payload import Payload
-from .base import free_port, wait_until_ready
+from .base import ConsoleRunner, ReadyProbe, free_port
 from .profiles import QemuProfile, QemuSettings, TftpLayout, fatal_patterns, inject_ca_port
 
 log = logging.getLogger("pytest_epics_multiarch.runners.qemu")
@@ -31,7 +30,7 @@ log = logging.getLogger("pytest_epics_multiarch.runners.qemu")
 _PORT_TAKEN = "Could not set up host forwarding rule"
 
 
-class QemuIoc:
+class QemuIoc(ConsoleRunner):
     """One emulated IOC: ``start()`` returns once it serves Channel Access."""
 
     def __init__(
@@ -44,36 +43,27 @@ class QemuIoc:
         work_dir: Path,
         start_timeout: float,
         log_path: Path | None = None,
-        ready_probe: Callable[[tuple[str, int]], None] | None = None,
+        ready_probe: ReadyProbe | None = None,
     ) -> None:
-        self.target = target
+        super().__init__(
+            target=target,
+            name=f"qemu {profile.name} ({payload.kernel.name})",
+            start_timeout=start_timeout,
+            log_path=log_path,
+            ready_probe=ready_probe,
+        )
         self.profile = profile
         self.payload = payload
         self.settings = settings
         self.work_dir = work_dir
-        self.start_timeout = start_timeout
-        self.log_path = log_path
-        self.ready_probe = ready_probe
-        self.ca_address: tuple[str, int] = ("127.0.0.1", 0)
-        self.name = f"qemu {profile.name} ({payload.kernel.name})"
-        self.start_seconds = 0.0
+        self.start_hint = (
+            f"read the console above; the command line is at the top of the console log ({log_path}); "
+            "raise qemu.boot_timeout if the boot is just slow"
+        )
         self.argv: list[str] = []
         self._process: subprocess.Popen[bytes] | None = None
-        self._console: Console | None = None
-        self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------------------------
-
-    def __enter__(self) -> QemuIoc:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         started = time.monotonic()
@@ -89,15 +79,7 @@ class QemuIoc:
             port = free_port() if self.settings.serve_startup else self.settings.ca_port
             self._launch(port)
             try:
-                wait_until_ready(
-                    console=self._require_console(),
-                    deadline=started + self.start_timeout,
-                    is_running=self.is_running,
-                    probe=self.ready_probe,
-                    address=self.ca_address,
-                    fail=self._start_error,
-                    fatal=fatal_patterns(),
-                )
+                self._wait_ready(started, fatal=fatal_patterns())
                 break
             except IocStartError:
                 if _PORT_TAKEN in self.logs() and self.settings.serve_startup and attempt < 4:
@@ -177,18 +159,9 @@ class QemuIoc:
             log_path=self.log_path,
         )
 
-    def _start_error(self, what: str, seen: str | None) -> IocStartError:
+    def _exit_description(self) -> str | None:
         code = self._process.poll() if self._process else None
-        if code is not None:
-            seen = f"QEMU exited with code {code}"
-        return IocStartError(
-            f"{what} ({self.name})",
-            target=self.target,
-            seen=seen,
-            tail=tail_lines(self.logs(), 25),
-            hint="read the console above; the command line is at the top of the console log "
-            f"({self.log_path}); raise qemu.boot_timeout if the boot is just slow",
-        )
+        return f"QEMU exited with code {code}" if code is not None else None
 
     def stop(self) -> None:
         """Stop QEMU and everything in its process group; safe to call twice."""
@@ -233,19 +206,8 @@ class QemuIoc:
 
     # -- what tests use ----------------------------------------------------------------------
 
-    def _require_console(self) -> Console:
-        if self._console is None:
-            raise IocError(f"{self.name} has no console (not started)", target=self.target)
-        return self._console
-
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
-
-    def logs(self) -> str:
-        return self._console.text() if self._console else ""
-
-    def iocsh(self, command: str, timeout: float = 10.0) -> str:
-        return self._require_console().run(command, timeout, alive=self.is_running)
 
     def reach_hint(self) -> str:
         host, port = self.ca_address
