@@ -21,12 +21,19 @@ from .conftest import BASE_IMAGE, SAMPLE, remove_images_tagged, sample_config_wi
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.usefixtures("subprocess_env")]
 
 
+@pytest.mark.parametrize("ca_client", ["caproto", "pyepics"])
 def test_sample_passes_on_linux_and_leaves_nothing(
-    pytester: pytest.Pytester, no_leftover_containers: None, tmp_path: Path
+    pytester: pytest.Pytester, no_leftover_containers: None, tmp_path: Path, ca_client: str
 ) -> None:
     report = tmp_path / "report.json"
     result = pytester.runpytest_subprocess(
-        str(SAMPLE), "--arch=linux/amd64", "-v", "-p", "no:cacheprovider", f"--epics-report={report}"
+        str(SAMPLE),
+        "--arch=linux/amd64",
+        f"--epics-ca-client={ca_client}",
+        "-v",
+        "-p",
+        "no:cacheprovider",
+        f"--epics-report={report}",
     )
     result.stdout.fnmatch_lines(
         [
