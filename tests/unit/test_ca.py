@@ -24,6 +24,7 @@ from caproto.server import PVGroup, pvproperty  # type: ignore[import-untyped]
 
 from pytest_epics_multiarch import ca
 from pytest_epics_multiarch.ca import BACKENDS, PYEPICS_HINT, make_ca_client
+from pytest_epics_multiarch.ca.values import matches
 from pytest_epics_multiarch.errors import CAError, CAPutError, CATimeoutError
 
 PREFIX = "TEST:"
@@ -38,9 +39,7 @@ class FakeIoc(PVGroup):  # type: ignore[misc]
     number = pvproperty(value=0.0, name="NUMBER")  # differs per server, never written
     flt = pvproperty(value=1.5, name="FLT")
     count = pvproperty(value=42, name="INT")
-    mode = pvproperty(
-        value="Off", name="MODE", enum_strings=["Off", "On", "Auto"], dtype=ChannelType.ENUM
-    )
+    mode = pvproperty(value="Off", name="MODE", enum_strings=["Off", "On", "Auto"], dtype=ChannelType.ENUM)
     wave = pvproperty(value=[1.0, 2.0, 3.0], name="WAVE")
     text = pvproperty(value="hello waveform", name="TEXT", dtype=ChannelType.CHAR, max_length=64)
     readonly = pvproperty(value=7, name="RO", read_only=True)
@@ -251,9 +250,7 @@ def test_put_text_into_a_char_waveform(client: ca.CAClient) -> None:
     client.put(pv("TEXT"), "hello waveform")
 
 
-def test_put_refused_by_the_ioc_raises_put_error(
-    client: ca.CAClient, servers: tuple[Server, Server]
-) -> None:
+def test_put_refused_by_the_ioc_raises_put_error(client: ca.CAClient, servers: tuple[Server, Server]) -> None:
     with pytest.raises(CAPutError) as info:
         client.put(pv("REFUSES"), 3, timeout=2.0)
     assert_names_everything(info.value, pv("REFUSES"), servers[0].port)
@@ -308,9 +305,7 @@ def test_wait_for_an_enum_state_name(client: ca.CAClient) -> None:
     assert client.wait_for(pv("MODE"), "Auto", timeout=2.0) == "Auto"
 
 
-def test_wait_for_timeout_reports_the_last_value(
-    client: ca.CAClient, servers: tuple[Server, Server]
-) -> None:
+def test_wait_for_timeout_reports_the_last_value(client: ca.CAClient, servers: tuple[Server, Server]) -> None:
     started = time.monotonic()
     with pytest.raises(CATimeoutError) as info:
         client.wait_for(pv("NUMBER"), 999.0, timeout=0.4)
@@ -466,4 +461,4 @@ def test_missing_pyepics_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch)
     ],
 )
 def test_wait_for_equality(actual: Any, expected: Any, equal: bool) -> None:
-    assert ca._matches(actual, expected) is equal
+    assert matches(actual, expected) is equal
