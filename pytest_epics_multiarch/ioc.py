@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .ca import CAClient, make_ca_client
-from .config import ProjectConfig
+from .config import IocSpec, ProjectConfig
 from .errors import CAError, IocError, IocStartError
 from .images import ImageResult
 from .runners.base import IocRunner
@@ -92,7 +92,7 @@ def first_record(dbl_output: str) -> str | None:
 
 
 RunnerFactory = Callable[
-    [ProjectConfig, Target, ImageResult, "Callable[[tuple[str, int]], None]", Path], IocRunner
+    [ProjectConfig, Target, ImageResult, IocSpec, "Callable[[tuple[str, int]], None]", Path], IocRunner
 ]
 
 
@@ -117,8 +117,11 @@ class IocPool:
         #: Start-up seconds of each IOC per target, for the matrix.
         self.start_seconds: dict[str, list[float]] = {}
 
-    def start(self, config: ProjectConfig, target: Target, image: ImageResult) -> Ioc:
-        spec = config.ioc_for(target)
+    def start(
+        self, config: ProjectConfig, target: Target, image: ImageResult, spec: IocSpec | None = None
+    ) -> Ioc:
+        """Start an IOC of ``image``; ``spec`` overrides the config's ``ioc:`` for this one."""
+        spec = spec or config.ioc_for(target)
         with self._lock:
             self._count += 1
             number = self._count
@@ -137,7 +140,7 @@ class IocPool:
                 raise
             log.debug("%s: readiness PV %s answered on %s:%d", target.name, pv, *address)
 
-        runner = self._runner_factory(config, target, image, ready_probe, log_path)
+        runner = self._runner_factory(config, target, image, spec, ready_probe, log_path)
         ioc = Ioc(target, image, runner, ca_backend=self.ca_backend, kept=self.keep)
         holder.append(ioc)
         with self._lock:

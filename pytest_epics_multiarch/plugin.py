@@ -33,14 +33,11 @@ from .ioc import Ioc
 from .reporting import Matrix
 from .runners.profiles import profile_names
 from .session import EpicsSession
+from .stash import item_iocs_key, item_target_key, kept_key, matrix_key, session_key
 from .targets import Target, TargetRegistry, builtin_targets, validate_names
 
 log = logging.getLogger("pytest_epics_multiarch")
 
-session_key = pytest.StashKey[EpicsSession]()
-matrix_key = pytest.StashKey[Matrix]()
-item_target_key = pytest.StashKey[str]()
-item_iocs_key = pytest.StashKey[list[Ioc]]()
 
 TARGET_FIXTURE = "ioc_target"
 
@@ -281,10 +278,14 @@ def ioc_image(request: pytest.FixtureRequest, ioc_target: Target) -> ImageResult
 
 
 def _ioc_scope(fixture_name: str, config: pytest.Config) -> str:
-    return config.stash[session_key].settings.ioc_scope
+    # "session" IOCs live in the session's shared pool; the fixture itself stays per module.
+    scope = config.stash[session_key].settings.ioc_scope
+    return "module" if scope == "session" else scope
 
 
-def _start(request: pytest.FixtureRequest, target: Target, image: ImageResult) -> Ioc:
+def _start(
+    request: pytest.FixtureRequest, target: Target, image: ImageResult, *, shared: bool = False
+) -> Ioc:
     if not target.can_run:
         pytest.skip(
             f"[{target.name}] build-only target: no QEMU model boots BSP {target.variant or target.arch} "
@@ -293,6 +294,8 @@ def _start(request: pytest.FixtureRequest, target: Target, image: ImageResult) -
         )
     session = _session(request)
     try:
+        if shared:
+            return session.shared_ioc(_project(request), target, image)
         ioc = session.start_ioc(_project(request), target, image)
     except EpicsMultiarchError as exc:
         _skip_or_raise(exc)
@@ -307,10 +310,12 @@ def ioc(request: pytest.FixtureRequest, ioc_target: Target, ioc_image: ImageResu
     """A running IOC of this target's image, ready (iocRun done, readiness PV answering).
 
     One IOC per target per module by default; ``--epics-ioc-scope=function`` (or ini
-    ``epics_ioc_scope``) gives every test a fresh one. Has ``.target``, ``.logs()``,
+    ``epics_ioc_scope``) gives every test a fresh one, ``session`` one per target and
+    configuration for the whole run, shared with YAML checks. Has ``.target``, ``.logs()``,
     ``.iocsh(command) -> str``, ``.stop()``, ``.ca`` and ``.ca_address``.
     """
-    return _start(request, ioc_target, ioc_image)
+    shared = request.config.stash[session_key].settings.ioc_scope == "session"
+    return _start(request, ioc_target, ioc_image, shared=shared)
 
 
 @pytest.fixture
@@ -420,7 +425,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if epics is None:
         return
     hints = epics.close()
-    config.stash[_kept_key] = hints
+    config.stash[kept_key] = hints
     if hasattr(config, "workerinput"):
         return  # the xdist controller reports for the whole run
     matrix = config.stash[matrix_key]
@@ -430,9 +435,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         problems = matrix.gate_problems()
         if problems or not matrix.targets:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-_kept_key = pytest.StashKey[list[str]]()
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -456,7 +458,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             terminalreporter.write_line(
                 f"{name}: {'FAIL: ' + why if why else 'pass'}", red=bool(why), green=not why
             )
-    for hint in config.stash.get(_kept_key, []):
+    for hint in config.stash.get(kept_key, []):
         terminalreporter.write_line(f"kept IOC: {hint}")
     if epics.settings.report is not None:
         terminalreporter.write_line(f"epics-multiarch: report written to {epics.settings.report}")

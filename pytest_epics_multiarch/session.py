@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigCache, ProjectConfig
+from .config import ConfigCache, IocSpec, ProjectConfig
 from .engine import BuildCli, Engine, Owner, find_build_cli
 from .errors import ConfigError, EngineUnavailable, IocStartError
 from .images import ImageResolver, ImageResult
@@ -45,6 +45,7 @@ class EpicsSession:
         self._build_cli: BuildCli | None = None
         self.swept: list[str] = []
         self._payloads: dict[tuple[str, bool], Payload] = {}
+        self._shared: dict[tuple[str, str, str, str], Ioc] = {}
         self.images = ImageResolver(
             self.engine,
             self.build_cli,
@@ -107,18 +108,36 @@ class EpicsSession:
     def image(self, config: ProjectConfig, target: Target) -> ImageResult:
         return self.images.resolve(config, target)
 
-    def start_ioc(self, config: ProjectConfig, target: Target, image: ImageResult) -> Ioc:
-        return self.iocs.start(config, target, image)
+    def start_ioc(
+        self, config: ProjectConfig, target: Target, image: ImageResult, spec: IocSpec | None = None
+    ) -> Ioc:
+        """A new IOC, stopped by whoever asked for it (or at the session's end)."""
+        return self.iocs.start(config, target, image, spec)
+
+    def shared_ioc(
+        self, config: ProjectConfig, target: Target, image: ImageResult, spec: IocSpec | None = None
+    ) -> Ioc:
+        """The session's IOC for this configuration: started once, reused while it runs.
+
+        YAML checks (and Python tests under ``--epics-ioc-scope=session``) share IOCs whose
+        config file, target, image and ``ioc:`` settings are identical.
+        """
+        spec = spec or config.ioc_for(target)
+        key = (config.where, target.name, image.ref, repr(spec))
+        ioc = self._shared.get(key)
+        if ioc is None or not ioc.is_running():
+            ioc = self._shared[key] = self.iocs.start(config, target, image, spec)
+        return ioc
 
     def _make_runner(
         self,
         config: ProjectConfig,
         target: Target,
         image: ImageResult,
+        spec: IocSpec,
         ready_probe: Callable[[tuple[str, int]], None],
         log_path: Path,
     ) -> IocRunner:
-        spec = config.ioc_for(target)
         timeout = self.settings.start_timeout or spec.start_timeout
         if target.runner == "container":
             from .runners.container import ContainerIoc
@@ -141,7 +160,7 @@ class EpicsSession:
                 ready_probe=ready_probe,
             )
         if target.runner == "qemu":
-            return self._make_qemu_runner(config, target, image, ready_probe, log_path)
+            return self._make_qemu_runner(config, target, image, spec, ready_probe, log_path)
         raise ConfigError(
             f"cannot run target {target.name} (runner {target.runner!r})",
             target=target.name,
@@ -153,6 +172,7 @@ class EpicsSession:
         config: ProjectConfig,
         target: Target,
         image: ImageResult,
+        spec: IocSpec,
         ready_probe: Callable[[tuple[str, int]], None],
         log_path: Path,
     ) -> IocRunner:
@@ -162,7 +182,6 @@ class EpicsSession:
 
         engine = self.engine()
         labels = engine.client.images.get(image.ref).labels or {}
-        spec = config.ioc_for(target)
         qemu, profile = resolve_qemu(
             default_profile=target.qemu_profile,
             epics_arch=target.epics_arch,

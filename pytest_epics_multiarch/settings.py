@@ -91,11 +91,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "ioc_scope",
-        "how long one IOC lives: module (one per target per test module, the default) or "
-        "function (a fresh IOC per test)",
+        "how long one IOC lives: module (one per target per test module, the default), "
+        "function (a fresh IOC per test), or session (one per target and configuration for the "
+        "whole run, shared with YAML checks)",
         "choice",
         default="module",
-        choices=("module", "function"),
+        choices=("module", "function", "session"),
     ),
     Option(
         "docker_cli",
