@@ -1,0 +1,233 @@
+"""IOC start-up, side by side in one run: the plugin against what the engine itself allows.
+
+    .venv/bin/python benchmarks/ioc_startup.py [--repeat 5] [--skip-qemu]
+
+Measures, each REPEAT times, with the median and the spread (min-max):
+
+- plugin: asking the session for an IOC of the sample's linux image until the first PV read
+  answers (what the ``ioc`` fixture costs a test module);
+- raw: ``docker run`` (SDK, same flags) plus a Channel Access polling loop until a PV answers;
+- testcontainers: ``DockerContainer`` with its default log wait for ``iocRun``, then a CA read;
+- floor: the engine's own start time to the ``iocRun`` line, from the container's log
+  timestamps (no client involved);
+- rebuild: ``--epics-image-policy=auto`` and ``build`` for an unchanged variant;
+- qemu: the PowerPC guest's boot to ready through the QEMU runner (unless --skip-qemu).
+
+It prints the ratios. Targets (see the README): plugin <= 1.2x the floor, unchanged rebuild
+< 2 s. Needs what ``make setup`` provides. Everything it starts is removed before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+import docker  # noqa: E402
+
+from pytest_epics_multiarch.ca import make_ca_client  # noqa: E402
+from pytest_epics_multiarch.engine import Owner  # noqa: E402
+from pytest_epics_multiarch.runners.base import READY_TEXT, free_port  # noqa: E402
+from pytest_epics_multiarch.session import EpicsSession  # noqa: E402
+from pytest_epics_multiarch.settings import Settings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_TESTS = REPO / "sample_iocs" / "sample_ioc" / "tests"
+PV = "SAMPLE:SETPOINT"
+COMMAND = ["softIoc", "-D", "/epics/epics-base/dbd/softIoc.dbd", "/epics/ioc/config/st.cmd"]
+
+
+def first_answer(port: int, deadline_s: float = 30.0) -> None:
+    """Poll one PV over CA until it answers (the way a careful test would wait)."""
+    client = make_ca_client("caproto", "127.0.0.1", port, timeout=0.5)
+    deadline = time.monotonic() + deadline_s
+    try:
+        while True:
+            try:
+                client.get(PV, timeout=0.5)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+    finally:
+        client.close()
+
+
+def run_kwargs(port: int, labels: dict[str, str]) -> dict[str, object]:
+    return {
+        "command": COMMAND,
+        "environment": {"EPICS_CA_SERVER_PORT": str(port)},
+        "ports": {f"{port}/tcp": ("127.0.0.1", port), f"{port}/udp": ("127.0.0.1", port)},
+        "init": True,
+        "stdin_open": True,
+        "tty": True,
+        "working_dir": "/epics/ioc",
+        "labels": labels,
+    }
+
+
+def parse_docker_time(text: str) -> datetime:
+    # Docker prints nanoseconds; datetime takes microseconds.
+    head, _, frac = text.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00")
+
+
+class Bench:
+    def __init__(self, work: Path, labels: dict[str, str]) -> None:
+        self.work = work
+        self.labels = labels
+        self.client = docker.from_env()
+        self.session = EpicsSession(Settings(arch=("linux/amd64",)), work_dir=work, progress=lambda m: None)
+        self.config = self.session.config_for(SAMPLE_TESTS)
+        self.target = self.config.target("linux/amd64")
+        self.image = self.session.image(self.config, self.target)
+
+    def plugin(self) -> float:
+        started = time.monotonic()
+        ioc = self.session.start_ioc(self.config, self.target, self.image)
+        ioc.ca.get(PV)
+        seconds = time.monotonic() - started
+        self.session.iocs.release(ioc, force=True)
+        return seconds
+
+    def raw(self) -> float:
+        port = free_port()
+        started = time.monotonic()
+        container = self.client.containers.run(self.image.ref, detach=True, **run_kwargs(port, self.labels))
+        try:
+            first_answer(port)
+            return time.monotonic() - started
+        finally:
+            container.remove(force=True)
+
+    def testcontainers(self) -> float:
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.wait_strategies import LogMessageWaitStrategy
+
+        port = free_port()
+        kwargs = run_kwargs(port, self.labels)
+        ports = kwargs.pop("ports")
+        command = kwargs.pop("command")
+        environment = kwargs.pop("environment")
+        started = time.monotonic()
+        container = DockerContainer(self.image.ref, command=command, env=environment, **kwargs)  # type: ignore[arg-type]
+        container.ports.update(ports)  # type: ignore[arg-type]
+        container.waiting_for(LogMessageWaitStrategy(READY_TEXT))
+        container.start()
+        try:
+            first_answer(port)
+            return time.monotonic() - started
+        finally:
+            container.stop()
+
+    def floor(self) -> float:
+        """Container start (State.StartedAt) to the iocRun line, by the engine's clock."""
+        return self._floors()[0]
+
+    def engine_floor(self) -> float:
+        """Container creation to the iocRun line: the floor plus the engine's create and start."""
+        return self._floors()[1]
+
+    def _floors(self) -> tuple[float, float]:
+        port = free_port()
+        container = self.client.containers.run(self.image.ref, detach=True, **run_kwargs(port, self.labels))
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                logs = container.logs(timestamps=True).decode(errors="replace")
+                line = next((line for line in logs.splitlines() if READY_TEXT in line), None)
+                if line:
+                    container.reload()
+                    created = parse_docker_time(container.attrs["Created"])
+                    started = parse_docker_time(container.attrs["State"]["StartedAt"])
+                    ready = parse_docker_time(line.split(" ", 1)[0])
+                    return (ready - started).total_seconds(), (ready - created).total_seconds()
+                time.sleep(0.02)
+            raise TimeoutError("no iocRun line")
+        finally:
+            container.remove(force=True)
+
+    def rebuild(self, policy: str) -> float:
+        session = EpicsSession(
+            Settings(arch=("linux/amd64",), image_policy=policy), work_dir=self.work, progress=lambda m: None
+        )
+        started = time.monotonic()
+        session.image(self.config, self.target)
+        seconds = time.monotonic() - started
+        session.close()
+        return seconds
+
+    def qemu(self) -> float:
+        target = self.config.target("linux/ppc64le")
+        image = self.session.image(self.config, target)
+        started = time.monotonic()
+        ioc = self.session.start_ioc(self.config, target, image)
+        ioc.ca.get(PV)
+        seconds = time.monotonic() - started
+        self.session.iocs.release(ioc, force=True)
+        return seconds
+
+    def close(self) -> None:
+        self.session.close()
+        self.client.close()
+
+
+def measure(name: str, fn: Callable[[], float], repeat: int) -> list[float]:
+    values = []
+    for _ in range(repeat):
+        values.append(fn())
+    print(
+        f"{name:<24} median {statistics.median(values):6.2f} s   spread {min(values):.2f}-{max(values):.2f} s"
+        f"   ({', '.join(f'{v:.2f}' for v in values)})",
+        flush=True,
+    )
+    return values
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--skip-qemu", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    labels = Owner.current().labels()
+    with tempfile.TemporaryDirectory(prefix="epics-multiarch-bench-") as work:
+        bench = Bench(Path(work), labels)
+        try:
+            print(f"image {bench.image.ref}; {os.cpu_count()} cores; {args.repeat} repetitions\n", flush=True)
+            results = {
+                "floor": measure("floor: start to iocRun", bench.floor, args.repeat),
+                "engine": measure("floor: create to iocRun", bench.engine_floor, args.repeat),
+                "plugin": measure("plugin (ioc fixture)", bench.plugin, args.repeat),
+                "raw": measure("raw docker run + CA poll", bench.raw, args.repeat),
+                "testcontainers": measure("testcontainers log wait", bench.testcontainers, args.repeat),
+                "auto": measure("rebuild, policy auto", lambda: bench.rebuild("auto"), args.repeat),
+                "build": measure("rebuild, policy build", lambda: bench.rebuild("build"), args.repeat),
+            }
+            if not args.skip_qemu:
+                results["qemu"] = measure("qemu guest boot to PV", bench.qemu, args.repeat)
+        finally:
+            bench.close()
+    med = {name: statistics.median(values) for name, values in results.items()}
+    print()
+    print(f"plugin / floor           {med['plugin'] / med['floor']:.2f}x   (target <= 1.2x)")
+    print(f"plugin / create-to-iocRun {med['plugin'] / med['engine']:.2f}x")
+    print(f"plugin / raw docker run  {med['plugin'] / med['raw']:.2f}x")
+    print(f"plugin / testcontainers  {med['plugin'] / med['testcontainers']:.2f}x")
+    print(f"unchanged rebuild (auto) {med['auto']:.2f} s   (target < 2 s)")
+    print(f"unchanged rebuild (build, BuildKit cache) {med['build']:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
