@@ -32,13 +32,13 @@ from pathlib import Path
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
-import docker  # noqa: E402
+import docker
 
-from pytest_epics_multiarch.ca import make_ca_client  # noqa: E402
-from pytest_epics_multiarch.engine import Owner  # noqa: E402
-from pytest_epics_multiarch.runners.base import READY_TEXT, free_port  # noqa: E402
-from pytest_epics_multiarch.session import EpicsSession  # noqa: E402
-from pytest_epics_multiarch.settings import Settings  # noqa: E402
+from pytest_epics_multiarch.ca import make_ca_client
+from pytest_epics_multiarch.engine import Owner
+from pytest_epics_multiarch.runners.base import READY_TEXT, free_port
+from pytest_epics_multiarch.session import EpicsSession
+from pytest_epics_multiarch.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_TESTS = REPO / "sample_iocs" / "sample_ioc" / "tests"
