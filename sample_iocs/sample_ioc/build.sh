@@ -3,10 +3,12 @@
 # every target. Reads EPICS_TARGET_ARCH and EPICS_BASE from the toolchain stage's environment.
 #
 # 1. Lays out $IOC (/epics/ioc): config/st.cmd and db/*.db; for an RTEMS target also the boot
-#    image bin/$EPICS_TARGET_ARCH/ioc.boot (and dbd/ioc.dbd), cross-built with EPICS's make.
+#    image bin/$EPICS_TARGET_ARCH/ioc.boot (and dbd/ioc.dbd), cross-built with EPICS's make; for
+#    the PowerPC Linux guest (linux-ppc64le) its kernel and initramfs, bin/linux-ppc64le/vmlinux
+#    and initrd.cpio, from /guest (the toolchain-guest stage).
 # 2. Collects what the runtime image needs into $ASSETS, which the runtime stage copies to /:
-#    the IOC folder and, on Linux, the part of EPICS base that runs it (softIoc, the shared
-#    libraries it links, softIoc.dbd).
+#    the IOC folder and, on Linux x86_64, the part of EPICS base that runs it (softIoc, the
+#    shared libraries it links, softIoc.dbd).
 set -eu
 
 src="$(cd "$(dirname "$0")" && pwd)/ioc"
@@ -34,6 +36,13 @@ RTEMS-*)
         "${OBJCOPY:-powerpc-rtems5-objcopy}" -O binary -R .comment -S "$elf" "$bindir/ioc.boot"
     fi
     ;;
+linux-ppc64le)
+    # The guest runs st.cmd with its own IOC (miniioc): nothing to compile, only its boot files.
+    echo "build: nothing to compile, taking the PowerPC guest's kernel and initramfs from /guest"
+    bindir="$IOC/bin/$EPICS_TARGET_ARCH"
+    mkdir -p "$bindir"
+    cp /guest/vmlinux /guest/initrd.cpio "$bindir/"
+    ;;
 linux-*)
     echo "build: nothing to compile, EPICS base's softIoc is this IOC's binary"
     ;;
@@ -47,6 +56,9 @@ echo "build: collecting runtime files into $ASSETS"
 mkdir -p "$ASSETS/epics"
 cp -a "$IOC" "$ASSETS/epics/"
 case "$EPICS_TARGET_ARCH" in
+linux-ppc64le)
+    # Booted under QEMU, not run in a container: no softIoc, only the boot payload in $IOC.
+    ;;
 linux-*)
     base="$ASSETS/epics/epics-base"
     mkdir -p "$base/bin" "$base/lib" "$base/dbd"

@@ -21,6 +21,7 @@ from miniioc.records import (
     NO_ALARM,
     STAT,
     DatabaseError,
+    PutDisabled,
     parse_link,
 )
 
@@ -306,6 +307,59 @@ def test_waveform_and_string_conversions() -> None:
     assert db.put("lo", "3.9").value == 3
     with pytest.raises(DatabaseError):
         db.put("lo", "abc")
+
+
+def test_disp_refuses_puts_from_outside_except_to_disp_itself() -> None:
+    db = make_db(
+        """
+        record(ao, "ro") { field(VAL, "42") field(DISP, "1") }
+        record(ao, "src") { field(OUT, "ro PP") }
+        """
+    )
+    ro = db.records["ro"]
+    with pytest.raises(PutDisabled, match="Put disabled"):
+        db.put("ro", 7)
+    with pytest.raises(PutDisabled):
+        db.put("ro.EGU", "mm")
+    assert (ro.value, ro.text("EGU")) == (42.0, "")
+    db.put("ro.DISP", 0)
+    assert db.put("ro", 7).value == 7.0
+    db.put("ro.DISP", "1")
+    assert ro.get_field("DISP") == ("UCHAR", 1)
+    # Links write with dbPut, which does not look at DISP.
+    db.put("src", 5)
+    assert ro.value == 5.0
+
+
+def test_fields_have_epics_types_and_defaults() -> None:
+    db = make_db(
+        """
+        record(ao, "ao") { field(PREC, "2") field(EGU, "V") field(HHSV, "MAJOR") field(DRVH, "10") }
+        record(mbbo, "mode") { field(ZRST, "Off") field(ONVL, "1") }
+        record(waveform, "wf") { field(NELM, "8") field(FTVL, "DOUBLE") }
+        record(longout, "lo") { field(HOPR, "7") }
+        record(stringout, "so") {}
+        """
+    )
+    ao, mode, wf = db.records["ao"], db.records["mode"], db.records["wf"]
+    assert ao.get_field("PREC") == ("SHORT", 2)
+    assert ao.get_field("EGU") == ("STRING", "V")
+    assert ao.get_field("HHSV") == ("ENUM", "MAJOR")
+    assert ao.get_field("HSV") == ("ENUM", "NO_ALARM")  # not set: the default
+    assert ao.get_field("DRVH") == ("DOUBLE", 10.0)
+    assert ao.get_field("DISP") == ("UCHAR", 0)
+    assert ao.get_field("DESC") == ("STRING", "")
+    assert ao.get_field("OUT") == ("STRING", "")
+    assert mode.get_field("ZRST") == ("STRING", "Off")
+    assert mode.get_field("ONVL") == ("ULONG", 1)
+    assert db.records["lo"].get_field("HOPR") == ("LONG", 7)
+    db.put("wf", [1.5, 2.5, 3.5])
+    assert (wf.get_field("NORD"), wf.get_field("NELM")) == (("ULONG", 3), ("ULONG", 8))
+    assert wf.get_field("PREC") == ("SHORT", 0)
+    assert ao.field_choices("STAT")[17] == "UDF"
+    for record, field in ((db.records["so"], "PREC"), (ao, "NOPE"), (wf, "DRVH")):
+        with pytest.raises(KeyError):
+            record.get_field(field)
 
 
 def test_load_errors() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 import os
 import re
 import socket
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 caproto_client = pytest.importorskip("caproto.sync.client")
-from caproto import AlarmSeverity, AlarmStatus, ChannelType  # noqa: E402
+from caproto import AlarmSeverity, AlarmStatus, CaprotoTimeoutError, ChannelType  # noqa: E402
 
 GUEST = Path(__file__).resolve().parents[1] / "guest"
 
@@ -97,6 +96,8 @@ def ioc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Console]:
         'record(mbbo, "$(P)mode") { field(ZRST, "Off") field(ONST, "On") field(TWST, "Auto") }\n'
         'record(waveform, "$(P)wf") { field(NELM, "4") field(FTVL, "DOUBLE") }\n'
         'record(calc, "$(P)count") { field(SCAN, ".2 second") field(INPA, "$(P)count") field(CALC, "A+1") }\n'
+        'record(ao, "$(P)ro") { field(VAL, "42") field(DISP, "1") }\n'
+        'record(ai, "$(P)udf") {}\n'
     )
     env = dict(
         os.environ,
@@ -175,6 +176,63 @@ def test_console_commands_reach_ca(ioc: Console) -> None:
     assert ioc.text[start:] == "Command frobnicate not found.\nhostioc> "
     ioc.send("exit")
     assert ioc.process.wait(timeout=10) == 0
+
+
+def put_status(pv: str, value: object) -> str:
+    """The name of the status a put-callback completed with (ECA_NORMAL, ECA_PUTFAIL...)."""
+    response = caproto_client.write(pv, value, notify=True, timeout=5, repeater=False)
+    return str(response.status.name)
+
+
+def test_disp_refuses_ca_puts_except_to_disp_itself(ioc: Console) -> None:
+    read = functools.partial(caproto_client.read, repeater=False, timeout=5)
+    write = put_status
+    # As an EPICS IOC answers a put-callback that dbPutField refused: ECA_PUTFAIL, value kept.
+    assert write("H:ro", 7) == "ECA_PUTFAIL"
+    assert list(read("H:ro").data) == [42.0]
+    assert write("H:ro.EGU", "mm") == "ECA_PUTFAIL"
+    assert write("H:ro.DISP", [0]) == "ECA_NORMAL"  # a list: caproto's client needs one for CHAR
+    assert write("H:ro", 7) == "ECA_NORMAL"
+    assert list(read("H:ro").data) == [7.0]
+    assert write("H:ro.DISP", [1]) == "ECA_NORMAL"
+    assert write("H:ro", 8) == "ECA_PUTFAIL"
+    assert list(read("H:ro").data) == [7.0]
+    # A refused put is the client's business: nothing about it on the IOC's console.
+    assert "H:ro" not in ioc.text and "Invalid write" not in ioc.text
+    start = ioc.send("dbgf H:ro.DISP")
+    ioc.wait_for(r"DBF_UCHAR:\s+1 = 0x1", start)
+
+
+def test_fields_are_pvs_of_their_epics_type(ioc: Console) -> None:
+    read = functools.partial(caproto_client.read, repeater=False, timeout=5)
+    write = functools.partial(caproto_client.write, repeater=False, timeout=5, notify=True)
+    write("H:wf", [1.5, 2.5, 3.5])
+    # EPICS serves DBF_ULONG (NORD) as DBR_DOUBLE, DBF_UCHAR (DISP) as DBR_CHAR.
+    nord = read("H:wf.NORD")
+    assert (nord.data_type, list(nord.data)) == (ChannelType.DOUBLE, [3.0])
+    assert (read("H:ro.DISP").data_type, list(read("H:ro.DISP").data)) == (ChannelType.CHAR, [1])
+    assert list(read("H:ao.DISP").data) == [0]
+    prec = read("H:ao.PREC")
+    assert (prec.data_type, list(prec.data)) == (ChannelType.INT, [3])
+    assert read("H:ao.EGU").data == [b"mm"]
+    assert read("H:ao.HHSV", data_type=ChannelType.STRING).data == [b"MAJOR"]
+    # STAT's menu has 22 choices, more than a CA enum carries; its string form has them all.
+    assert read("H:udf.STAT", data_type=ChannelType.STRING).data == [b"UDF"]
+    assert read("H:udf.SEVR", data_type=ChannelType.STRING).data == [b"INVALID"]
+    # A field PV follows its record.
+    assert read("H:ao.SEVR", data_type=ChannelType.STRING).data == [b"NO_ALARM"]
+    write("H:ao", 9)
+    assert read("H:ao.SEVR", data_type=ChannelType.STRING).data == [b"MAJOR"]
+    write("H:wf", [1.0])
+    assert list(read("H:wf.NORD").data) == [1.0]
+    # Writable fields change the record; computed ones are read-only.
+    write("H:ao.DRVH", 5)
+    write("H:ao", 9)
+    assert list(read("H:ao").data) == [5.0]
+    with pytest.raises(Exception, match="(?i)access|write"):
+        put_status("H:wf.NORD", 2)  # the client sees read-only access
+    with pytest.raises(CaprotoTimeoutError):
+        read("H:ao.NOPE", timeout=1)
 
 
 @pytest.mark.parametrize("failing", ["", "caproto.asyncio"])

@@ -6,10 +6,14 @@ keeps the main thread (and the console). Every database operation after
 puts from CA clients, console commands and periodic scans never overlap, and
 each is followed by publishing the records it changed.
 
-Each record is served as ``NAME`` and ``NAME.VAL`` (and its aliases). The
-server binds 0.0.0.0 on ``EPICS_CA_SERVER_PORT``, which caproto reads from
-the environment when the server starts, after the startup script's
-``epicsEnvSet`` lines.
+Each record is served as ``NAME`` and ``NAME.VAL`` (and its aliases); its
+other fields (``NAME.NORD``, ``NAME.DISP``, ``NAME.EGU``...) as PVs of their
+EPICS type when a client first searches for them, so the boot does not pay for
+fields nobody reads. A put that the database refuses (``DISP`` set, a bad enum
+string) answers the put-callback with ``ECA_PUTFAIL`` and leaves the value, as
+an EPICS IOC does. The server binds 0.0.0.0 on ``EPICS_CA_SERVER_PORT``, which
+caproto reads from the environment when the server starts, after the startup
+script's ``epicsEnvSet`` lines.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from collections.abc import Sequence
 from typing import Any, Callable, TypeVar
 
 from caproto import (
-    CaprotoValueError,
+    AccessRights,
+    CAStatus,
     ChannelAlarm,
     ChannelByte,
     ChannelData,
@@ -40,6 +45,8 @@ from caproto import (
 from .database import Database
 from .iocsh import Runtime
 from .records import (
+    MAX_STRING_SIZE,
+    READ_ONLY_FIELDS,
     AoRecord,
     DatabaseError,
     EnumRecord,
@@ -92,16 +99,38 @@ def _import_server_context() -> Any:
 Context = _import_server_context()
 
 
+class _PutRefused(Exception):
+    """The database refused a put from a client (see :meth:`_RecordChannel.auth_write`)."""
+
+
 class _RecordChannel:
     """Mixed into caproto's channel classes: a CA put becomes a database put."""
 
     runtime: CaRuntime
     record: Record
+    field: str = "VAL"
+    read_only: bool = False
 
     async def verify_value(self, value: Any) -> Any:
-        await self.runtime.handle_put(self.record, value)
+        await self.runtime.handle_put(self.record, self.field, value)
         # handle_put already stored and published the processed value.
         return SkipWrite
+
+    async def auth_write(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().auth_write(*args, **kwargs)  # type: ignore[misc]
+        except _PutRefused:
+            # rsrv answers a refused put-callback with ECA_PUTFAIL, not with an error message.
+            return CAStatus.ECA_PUTFAIL
+
+    def check_access(self, hostname: str, username: str) -> AccessRights:
+        if self.read_only:
+            return AccessRights.READ
+        return AccessRights.READ | AccessRights.WRITE
+
+    def get_field(self, field: str) -> ChannelData:
+        """``REC.FIELD``: caproto's server asks the record's channel for names it does not know."""
+        return self.runtime.field_channel(self.record, field)
 
 
 def _channel_class(base: type[ChannelData]) -> type[ChannelData]:
@@ -125,6 +154,41 @@ _ARRAY_CLASSES: dict[str, type[ChannelData]] = {
     "USHORT": _SHORT,
     "CHAR": _BYTE,
     "UCHAR": _BYTE,
+}
+
+
+class _LongMenuChannel(_ENUM):  # type: ignore[misc, valid-type]
+    """An ENUM field with more than CA's 16 choices (STAT has 22), like an EPICS menu field.
+
+    Values and DBR_STRING reads use every choice; DBR_GR/CTRL_ENUM carry the first 16 strings,
+    all that fit, as EPICS's own server sends them.
+    """
+
+    @staticmethod
+    def _validate_enum_strings(enum_strings: Sequence[str]) -> tuple[str, ...]:
+        return tuple(enum_strings)
+
+    def _read_metadata(self, dbr_metadata: Any) -> Any:
+        if hasattr(dbr_metadata, "no_str"):
+            strings = [text.encode(self.string_encoding) for text in self.enum_strings[:16]]
+            dbr_metadata.enum_strings = strings
+            return ChannelData._read_metadata(self, dbr_metadata)
+        return super()._read_metadata(dbr_metadata)
+
+
+# The CA type a scalar field is served as, by its DBF type: EPICS's mapping (dbAccess's
+# mapDBFToDBR), e.g. DBF_ULONG (a waveform's NORD) is DBR_DOUBLE, DBF_UCHAR (DISP) DBR_CHAR.
+_FIELD_CLASSES: dict[str, type[ChannelData]] = {
+    "DOUBLE": _DOUBLE,
+    "FLOAT": _FLOAT,
+    "ULONG": _DOUBLE,
+    "LONG": _INTEGER,
+    "USHORT": _INTEGER,
+    "SHORT": _SHORT,
+    "CHAR": _BYTE,
+    "UCHAR": _BYTE,
+    "ENUM": _ENUM,
+    "STRING": _STRING,
 }
 
 
@@ -176,6 +240,49 @@ def make_channel(record: Record, runtime: CaRuntime) -> ChannelData:
     return channel
 
 
+def field_value(dbf: str, value: Any) -> Any:
+    """A field's value (from :meth:`Record.get_field`) in the form its channel class takes."""
+    if dbf == "STRING":
+        return str(value)[: MAX_STRING_SIZE - 1]
+    if dbf == "ENUM":
+        return str(value)
+    if _FIELD_CLASSES[dbf] in (_DOUBLE, _FLOAT):
+        return float(value)
+    return int(value)
+
+
+def make_field_channel(record: Record, field: str, runtime: CaRuntime) -> ChannelData:
+    """A channel for ``REC.FIELD`` other than VAL; KeyError when the record has no such field."""
+    try:
+        dbf, value = record.get_field(field)
+    except DatabaseError:
+        raise KeyError(field) from None  # a field whose text is not of its type: not served
+    if isinstance(value, (list, tuple)) or dbf not in _FIELD_CLASSES:
+        raise KeyError(field)
+    cls = _FIELD_CLASSES[dbf]
+    common: dict[str, Any] = dict(
+        value=field_value(dbf, value),
+        # Every field of a record carries the record's alarm, as in EPICS.
+        alarm=ChannelAlarm(status=record.status, severity=record.severity),
+        timestamp=record.timestamp,
+        reported_record_type=record.rtype,
+    )
+    if dbf == "ENUM":
+        choices = record.field_choices(field)
+        cls = _LongMenuChannel if len(choices) > 16 else cls
+        channel = cls(enum_strings=list(choices), **common)
+    elif cls is _BYTE:
+        # A one-byte field: 0 is a value here, not a string terminator to strip.
+        channel = cls(strip_null_terminator=False, **common)
+    else:
+        channel = cls(**common)
+    channel.runtime = runtime
+    channel.record = record
+    channel.field = field
+    channel.read_only = field in READ_ONLY_FIELDS
+    return channel
+
+
 class CaRuntime(Runtime):
     """Runs the database behind caproto's asyncio server."""
 
@@ -183,6 +290,8 @@ class CaRuntime(Runtime):
         self.interfaces = list(interfaces)
         self.timeout = timeout
         self.channels: dict[str, ChannelData] = {}
+        #: Field channels made so far, by record name and field.
+        self.field_channels: dict[str, dict[str, ChannelData]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._main_task: asyncio.Task[Any] | None = None
         self._ready = threading.Event()
@@ -207,6 +316,25 @@ class CaRuntime(Runtime):
             raise DatabaseError(f"CA server did not start within {self.timeout:.0f} s")
         if self._error is not None:
             raise DatabaseError(f"CA server failed to start: {self._error!r}")
+
+    def field_channel(self, record: Record, field: str) -> ChannelData:
+        """The channel of ``REC.FIELD``, made the first time a client asks (on the event loop)."""
+        if field == "VAL":
+            return self.channels[record.name]
+        fields = self.field_channels.setdefault(record.name, {})
+        channel = fields.get(field)
+        if channel is None:
+            try:
+                channel = make_field_channel(record, field, self)
+            except KeyError:
+                raise
+            except Exception:
+                # caproto answers a whole batch of searches at once: one bad field must not
+                # stop the others from being found.
+                log.exception("cannot serve %s.%s", record.name, field)
+                raise KeyError(field) from None
+            fields[field] = channel
+        return channel
 
     def call(self, operation: Callable[[], T]) -> T:
         if self._loop is None:
@@ -269,12 +397,15 @@ class CaRuntime(Runtime):
         finally:
             await self.publish(self.db.take_posted())
 
-    async def handle_put(self, record: Record, value: Any) -> None:
+    async def handle_put(self, record: Record, field: str, value: Any) -> None:
+        if isinstance(value, (bytes, bytearray)) and field != "VAL":
+            value = list(value)  # a CHAR field (DISP...) arrives as bytes
         try:
-            self.db.put_record(record, "VAL", value)
+            self.db.put_record(record, field, value)
         except DatabaseError as exc:
-            self.db.take_posted()
-            raise CaprotoValueError(str(exc)) from None
+            log.debug("put to %s.%s refused: %s", record.name, field, exc)
+            await self.publish(self.db.take_posted())
+            raise _PutRefused(str(exc)) from None
         await self.publish(self.db.take_posted())
 
     async def publish(self, records: list[Record]) -> None:
@@ -293,3 +424,22 @@ class CaRuntime(Runtime):
                 severity=record.severity,
                 timestamp=record.timestamp,
             )
+            for field, field_channel in self.field_channels.get(record.name, {}).items():
+                await self._publish_field(record, field, field_channel)
+
+    async def _publish_field(self, record: Record, field: str, channel: ChannelData) -> None:
+        try:
+            dbf, value = record.get_field(field)
+        except (KeyError, DatabaseError):
+            return
+        value = field_value(dbf, value)
+        alarm = channel.alarm
+        if value == channel.value and (alarm.status, alarm.severity) == (record.status, record.severity):
+            return  # EPICS posts a field's monitor when the field changes
+        await channel.write(
+            value,
+            verify_value=False,
+            status=record.status,
+            severity=record.severity,
+            timestamp=record.timestamp,
+        )

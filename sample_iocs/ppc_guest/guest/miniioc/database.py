@@ -21,6 +21,7 @@ from .records import (
     STAT,
     CalcRecord,
     DatabaseError,
+    PutDisabled,
     Record,
     parse_link,
     split_field,
@@ -187,6 +188,13 @@ class Database:
         return record
 
     def put_record(self, record: Record, field: str, value: Any) -> None:
+        """dbPutField on a found record: what Channel Access and ``dbpf`` write through.
+
+        DISP refuses every such put but one to DISP itself; links write with ``put_field``
+        and are not affected, as in EPICS (dbPut does not look at DISP).
+        """
+        if record.disp and field != "DISP":
+            raise PutDisabled(f"{record.name}.{field}: Put disabled (DISP is set)")
         should_process = record.put_field(field, value)
         if should_process and self.initialized:
             self.process(record)

@@ -11,6 +11,10 @@ support closely enough for tests to see the same values and alarms:
   links (``OUT``) with ``PP``
 - ``DRVH``/``DRVL`` clamping of outputs, ``HIHI``/``HIGH``/``LOW``/``LOLO``
   with ``HHSV``/``HSV``/``LSV``/``LLSV``, state severities of bi/bo/mbbi/mbbo
+- ``DISP``: puts from outside (CA, ``dbpf``) to any field but ``DISP`` itself
+  are refused (:class:`PutDisabled`), as ``dbPutField`` does
+- the common fields of each type (``DESC``, ``EGU``, ``PREC``, ``NORD``...)
+  with their EPICS field types and defaults, for ``dbgf`` and field PVs
 
 Not modelled: device support other than soft channel, hysteresis, deadbands,
 simulation mode, asynchronous processing, links to other IOCs.
@@ -87,6 +91,33 @@ MBB_PREFIXES = (
     "FF",
 )
 
+# Fields besides VAL, with their DBF type (as EPICS's .dbd files declare it) and the value a
+# record has when the database does not set them. ENUM stands for EPICS's DBF_MENU too.
+FieldSpec = tuple[str, Any]
+_COMMON_FIELDS: dict[str, FieldSpec] = {
+    "DESC": ("STRING", ""),
+    "DISP": ("UCHAR", 0),
+    "TPRO": ("UCHAR", 0),
+    "FLNK": ("STRING", ""),
+}
+_DISPLAY_FIELDS: dict[str, FieldSpec] = {
+    "PREC": ("SHORT", 0),
+    "EGU": ("STRING", ""),
+    "HOPR": ("DOUBLE", 0.0),
+    "LOPR": ("DOUBLE", 0.0),
+}
+_ALARM_FIELDS: dict[str, FieldSpec] = {
+    **{name: ("DOUBLE", 0.0) for name in ("HIHI", "HIGH", "LOW", "LOLO", "HYST")},
+    **{name: ("ENUM", "NO_ALARM") for name in ("HHSV", "HSV", "LSV", "LLSV")},
+}
+#: Fields a client may read but not write here: what the record computes, and what miniioc
+#: reads only at iocInit (links, SCAN, PINI), where writing would silently change nothing.
+READ_ONLY_FIELDS = frozenset(
+    {"NAME", "RTYP", "SEVR", "STAT", "UDF", "NORD", "NELM", "FTVL", "SCAN", "PINI", "DTYP"}
+    | {"INP", "OUT", "FLNK"}
+    | {"INP" + letter for letter in VARIABLES}
+)
+
 _LINK_MODIFIERS = {"NPP", "PP", "CA", "CP", "CPP", "NMS", "MS", "MSS", "MSI"}
 _FIELD_NAME = re.compile(r"^[A-Z][A-Z0-9]{0,3}$")
 _PERIOD = re.compile(r"^\s*(\d*\.?\d+)\s*(second|seconds|sec|s)?\s*$", re.IGNORECASE)
@@ -94,6 +125,10 @@ _PERIOD = re.compile(r"^\s*(\d*\.?\d+)\s*(second|seconds|sec|s)?\s*$", re.IGNORE
 
 class DatabaseError(Exception):
     """A record definition or operation that the database refuses, with EPICS-like text."""
+
+
+class PutDisabled(DatabaseError):
+    """A put to a record with ``DISP`` set (EPICS's ``S_db_putDisabled``)."""
 
 
 @dataclass
@@ -187,6 +222,21 @@ def _severity(text: str) -> int:
     raise DatabaseError(f"Bad alarm severity {text!r}")
 
 
+def _typed(dbf: str, raw: str, field: str) -> Any:
+    """A field's text from the database as a value of its DBF type."""
+    if dbf == "STRING":
+        return raw
+    if dbf == "ENUM":
+        # The severity menus: a name or its index.
+        return SEVERITY_NAMES[_severity(raw)]
+    number = _number_or_none(raw.strip()) if raw.strip() else 0.0
+    if number is None:
+        raise DatabaseError(f'Can\'t read field {field} "{raw}": not a number')
+    if dbf in ("DOUBLE", "FLOAT"):
+        return number
+    return int(number) if not math.isnan(number) else 0
+
+
 def format_number(value: float) -> str:
     """Format a double the way EPICS converts it to a string when no PREC applies."""
     if isinstance(value, int):
@@ -205,6 +255,8 @@ class Record:
     dbf: ClassVar[str] = "DOUBLE"  # DBF type of VAL, as dbgf prints it
     input_links: ClassVar[tuple[str, ...]] = ()
     output_links: ClassVar[tuple[str, ...]] = ()
+    #: The record type's fields besides VAL and the computed ones: DBF type and default.
+    field_specs: ClassVar[dict[str, FieldSpec]] = _COMMON_FIELDS
 
     def __init__(self, definition: RecordDef) -> None:
         self.name = definition.name
@@ -258,6 +310,11 @@ class Record:
     def pini(self) -> bool:
         return self.fields.get("PINI", "NO").strip().upper() in ("YES", "1", "RUN", "RUNNING")
 
+    @property
+    def disp(self) -> bool:
+        """DISP set: puts from outside the record's links are refused."""
+        return self.number("DISP") != 0
+
     # -- values -----------------------------------------------------------------------
 
     def initial_value(self) -> Any:
@@ -283,7 +340,7 @@ class Record:
     # -- fields other than VAL -------------------------------------------------------
 
     def get_field(self, field: str) -> tuple[str, Any]:
-        """(DBF type name, value) of a field, for dbgf and links."""
+        """(DBF type name, value) of a field, for dbgf, links and field PVs; KeyError if none."""
         if field == "VAL":
             return self.dbf, self.value
         if field == "SEVR":
@@ -296,15 +353,28 @@ class Record:
             return "STRING", self.name
         if field == "RTYP":
             return "STRING", self.rtype
+        spec = self.field_specs.get(field)
         if field in self.fields:
             raw = self.fields[field]
+            if spec is not None:
+                return spec[0], _typed(spec[0], raw, field)
             number = _number_or_none(raw)
-            if number is not None and field not in ("DESC", "EGU"):
+            if number is not None:
                 return "DOUBLE", number
             return "STRING", raw
-        if field in ("DESC", "EGU", "SCAN", "PINI", "DTYP"):
-            return "STRING", {"SCAN": self.scan, "PINI": "NO", "DTYP": "Soft Channel"}.get(field, "")
+        if spec is not None:
+            return spec
+        if field in self.input_links + self.output_links:
+            return "STRING", ""
+        if field in ("SCAN", "PINI", "DTYP"):
+            return "STRING", {"SCAN": self.scan, "PINI": "NO", "DTYP": "Soft Channel"}[field]
         raise KeyError(field)
+
+    def field_choices(self, field: str) -> tuple[str, ...]:
+        """The choices of an ENUM field other than VAL (severity and status menus)."""
+        if field == "STAT":
+            return STATUS_NAMES
+        return SEVERITY_NAMES
 
     def put_field(self, field: str, value: Any) -> bool:
         """Store a put; returns True when the record should be processed afterwards."""
@@ -343,6 +413,8 @@ class Record:
 class _LimitAlarmMixin(Record):
     """HIHI/HIGH/LOW/LOLO checks as in aiRecord.c's checkAlarms (without hysteresis)."""
 
+    field_specs: ClassVar[dict[str, FieldSpec]] = {**_COMMON_FIELDS, **_DISPLAY_FIELDS, **_ALARM_FIELDS}
+
     def check_alarms(self) -> None:
         if self.udf:
             self.raise_alarm(STAT["UDF"], self.udf_severity)
@@ -372,6 +444,11 @@ class AiRecord(_LimitAlarmMixin):
 class AoRecord(_LimitAlarmMixin):
     rtype = "ao"
     output_links = ("OUT",)
+    field_specs: ClassVar[dict[str, FieldSpec]] = {
+        **_LimitAlarmMixin.field_specs,
+        "DRVH": ("DOUBLE", 0.0),
+        "DRVL": ("DOUBLE", 0.0),
+    }
 
     def process(self, db: Database) -> None:
         self.value = self.clamp(self.value)
@@ -384,9 +461,17 @@ class AoRecord(_LimitAlarmMixin):
         return value
 
 
+# longin/longout: the display and alarm limits are LONG, and there is no PREC.
+_LONG_LIMITS: dict[str, FieldSpec] = {
+    **{name: ("LONG", 0) for name in ("HOPR", "LOPR", "HIHI", "HIGH", "LOW", "LOLO", "HYST")},
+    "EGU": ("STRING", ""),
+}
+
+
 class LonginRecord(AiRecord):
     rtype = "longin"
     dbf = "LONG"
+    field_specs: ClassVar[dict[str, FieldSpec]] = {**_COMMON_FIELDS, **_ALARM_FIELDS, **_LONG_LIMITS}
 
     def zero(self) -> Any:
         return 0
@@ -398,6 +483,13 @@ class LonginRecord(AiRecord):
 class LongoutRecord(AoRecord):
     rtype = "longout"
     dbf = "LONG"
+    field_specs: ClassVar[dict[str, FieldSpec]] = {
+        **_COMMON_FIELDS,
+        **_ALARM_FIELDS,
+        **_LONG_LIMITS,
+        "DRVH": ("LONG", 0),
+        "DRVL": ("LONG", 0),
+    }
 
     def zero(self) -> Any:
         return 0
@@ -468,6 +560,13 @@ class EnumRecord(Record):
 
 
 class _BinaryMixin(EnumRecord):
+    field_specs: ClassVar[dict[str, FieldSpec]] = {
+        **_COMMON_FIELDS,
+        "ZNAM": ("STRING", ""),
+        "ONAM": ("STRING", ""),
+        **{name: ("ENUM", "NO_ALARM") for name in ("ZSV", "OSV", "COSV")},
+    }
+
     def state_names(self) -> list[str]:
         return [self.text("ZNAM"), self.text("ONAM")]
 
@@ -482,6 +581,15 @@ class _BinaryMixin(EnumRecord):
 
 class _MultiBitMixin(EnumRecord):
     max_states = 16
+    field_specs: ClassVar[dict[str, FieldSpec]] = {
+        **_COMMON_FIELDS,
+        **{prefix + "ST": ("STRING", "") for prefix in MBB_PREFIXES},
+        **{prefix + "VL": ("ULONG", 0) for prefix in MBB_PREFIXES},
+        **{prefix + "SV": ("ENUM", "NO_ALARM") for prefix in MBB_PREFIXES},
+        "UNSV": ("ENUM", "NO_ALARM"),
+        "COSV": ("ENUM", "NO_ALARM"),
+        "NOBT": ("SHORT", 0),
+    }
 
     def state_names(self) -> list[str]:
         names = [self.text(prefix + "ST") for prefix in MBB_PREFIXES]
@@ -572,6 +680,7 @@ class WaveformRecord(Record):
 
     rtype = "waveform"
     input_links = ("INP",)
+    field_specs: ClassVar[dict[str, FieldSpec]] = {**_COMMON_FIELDS, **_DISPLAY_FIELDS}
 
     def __init__(self, definition: RecordDef) -> None:
         ftvl = definition.fields.get("FTVL", "DOUBLE").strip().upper() or "DOUBLE"
@@ -628,6 +737,7 @@ class CalcRecord(_LimitAlarmMixin):
 
     rtype = "calc"
     input_links = tuple("INP" + letter for letter in VARIABLES)
+    field_specs: ClassVar[dict[str, FieldSpec]] = {**_LimitAlarmMixin.field_specs, "CALC": ("STRING", "0")}
 
     def __init__(self, definition: RecordDef) -> None:
         super().__init__(definition)
