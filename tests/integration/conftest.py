@@ -9,18 +9,23 @@ from pathlib import Path
 import docker
 import pytest
 
-from pytest_epics_multiarch.engine import LABEL_SESSION
+from pytest_epics_multiarch.engine import LABEL_SESSION, Owner, owner_is_alive
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample_iocs" / "sample_ioc"
 BASE_IMAGE = "pytest-epics-multiarch/debian:bookworm"
 
 
-def our_containers() -> set[str]:
-    """Ids of every container carrying the plugin's session label."""
+def orphaned_containers() -> set[str]:
+    """Ids of the plugin's containers whose owning process has ended: what a session leaked.
+
+    Containers of sessions still running (another developer's, a parallel run) don't count.
+    """
     client = docker.from_env()
+    host = Owner.current().host
     try:
-        return {c.id for c in client.containers.list(all=True, filters={"label": LABEL_SESSION})}
+        containers = client.containers.list(all=True, filters={"label": LABEL_SESSION})
+        return {c.id for c in containers if not owner_is_alive(c.labels or {}, host)}
     finally:
         client.close()
 
@@ -46,9 +51,9 @@ def remove_images_tagged(tag: str) -> list[str]:
 @pytest.fixture
 def no_leftover_containers() -> Iterator[None]:
     """Fails the test when it leaves a container of the plugin behind."""
-    before = our_containers()
+    before = orphaned_containers()
     yield
-    left = our_containers() - before
+    left = orphaned_containers() - before
     assert not left, f"containers left behind: {left}"
 
 
