@@ -10,9 +10,10 @@ from __future__ import annotations
 import io
 import logging
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import docker.errors
 
@@ -69,8 +70,13 @@ def extract_payload(
         raise ImageError(
             f"could not open {image} to take its boot payload", target=target, seen=str(exc)
         ) from exc
+    # A path inside another wanted folder (the kernel in the IOC folder) comes out with it.
+    folders = set(wanted.values())
     try:
-        for role, path in wanted.items():
+        for role, path in sorted(wanted.items(), key=lambda item: len(item[1])):  # folders first
+            if any(path.startswith(folder.rstrip("/") + "/") for folder in folders):
+                if _host_path(dest, path).exists():
+                    continue
             _copy_out(container, path, dest, role=role, image=image, target=target)
     finally:
         try:
@@ -87,6 +93,28 @@ def extract_payload(
     return Payload(dest, kernel, host("initrd"), host("bios"), host("assets"), host("startup"))
 
 
+class _ChunkReader(io.RawIOBase):
+    """A readable file over the engine's archive stream (an iterator of byte chunks)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            try:
+                self._pending = next(self._chunks)
+            except StopIteration:
+                return 0
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+
 def _copy_out(container: object, path: str, dest: Path, *, role: str, image: str, target: str) -> None:
     try:
         stream, _stat = container.get_archive(path)  # type: ignore[attr-defined]
@@ -98,10 +126,10 @@ def _copy_out(container: object, path: str, dest: Path, *, role: str, image: str
             hint=f"set qemu.{role} for this target in epics-multiarch.yaml, or the image label "
             f"{LABEL_QEMU}{role}",
         ) from None
-    data = io.BytesIO(b"".join(stream))
     parent = _host_path(dest, str(PurePosixPath(path).parent))
     parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=data) as archive:
+    # Streamed ("r|"): a boot payload can be large (a kernel and an initramfs of ~100 MB).
+    with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(stream)), mode="r|") as archive:
         # The archive's names are relative to the path's parent; the "data" filter refuses links
         # that leave it (Python 3.12, backported to 3.9.17+/3.10.12+/3.11.4+).
         if hasattr(tarfile, "data_filter"):

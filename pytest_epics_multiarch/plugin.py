@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from . import settings as settings_mod
+from . import yamlchecks
 from .ca import CAClient
 from .config import ProjectConfig, find_config, find_configs_below, load_config
 from .engine import Owner
@@ -468,3 +469,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     epics = config.stash.get(session_key, None)
     if epics is not None:
         epics.close()  # a safety net when the session ended early (idempotent)
+
+
+# -- YAML checks ---------------------------------------------------------------------------------
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    """``test_*.ioc.yaml`` files are collected as declarative PV checks (see :mod:`.yamlchecks`)."""
+    return yamlchecks.collect_file(file_path, parent)
