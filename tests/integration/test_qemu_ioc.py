@@ -9,7 +9,6 @@ boot, console readiness, Channel Access from the host over hostfwd, iocsh on the
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,16 +30,24 @@ pytestmark = [
 ]
 
 
-def qemu_processes() -> set[str]:
-    found = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True, check=False)
-    return set(found.stdout.split())
+def qemu_processes(under: Path) -> list[str]:
+    """QEMU processes whose command line names a path under ``under`` (this test's files)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "qemu-system" in text and str(under) in text:
+            found.append(f"{cmdline.parent.name}: {text[:200]}")
+    return found
 
 
 @pytest.fixture
-def no_leftover_qemu() -> Iterator[None]:
-    before = qemu_processes()
+def no_leftover_qemu(tmp_path: Path, pytester: pytest.Pytester) -> Iterator[None]:
+    """Fails the test when a QEMU it started (its files are under the test's folders) survives."""
     yield
-    left = qemu_processes() - before
+    left = qemu_processes(tmp_path) + qemu_processes(pytester.path)
     assert not left, f"QEMU processes left behind: {left}"
 
 
