@@ -172,7 +172,10 @@ class _At:
             return None
         if self.node.tag == _STR_TAG:
             return str(self.node.value)
-        return SafeConstructor().construct_object(self.node, deep=True)
+        try:
+            return SafeConstructor().construct_object(self.node, deep=True)
+        except yaml.YAMLError:
+            raise self.error(f"unsupported YAML tag {self.node.tag}; write a plain value") from None
 
 
 # -- the format -----------------------------------------------------------------------------------

@@ -205,6 +205,7 @@ def test_string_expectations_read_the_string_form() -> None:
         ("checks:\n  c:\n    - absent: {pv: X, timeout: -1}\n", 3, "timeout: expected seconds"),
         ("checks:\n  c:\n    - iocsh: {contains: x}\n", 3, "step 1 (iocsh): missing key 'command'"),
         ("checks:\n  c:\n    - iocsh: {command: dbl, matches: '['}\n", 3, "not a valid regular expression"),
+        ("checks:\n  c:\n    - get: {pv: X, equals: !celsius 20}\n", 3, "unsupported YAML tag !celsius"),
         ("checks:\n  c:\n    - sleep: -1\n", 3, "step 1 (sleep): expected seconds (a number, 0 or more)"),
         (
             "checks:\n  c:\n    - sleep: {seconds: 1}\n",
