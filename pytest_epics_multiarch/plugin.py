@@ -34,7 +34,7 @@ from .ioc import Ioc
 from .reporting import Matrix
 from .runners.profiles import profile_names
 from .session import EpicsSession
-from .stash import item_iocs_key, item_target_key, kept_key, matrix_key, session_key
+from .stash import item_iocs_key, item_target_key, kept_key, logs_key, matrix_key, session_key
 from .targets import Target, TargetRegistry, builtin_targets, validate_names
 
 log = logging.getLogger("pytest_epics_multiarch")
@@ -116,6 +116,7 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     run_id = str(workerinput["testrunuid"])[:12] if workerinput else None
     session = EpicsSession(resolved, progress=_Progress(config), owner=Owner.current(run_id))
+    session.worker = str(workerinput["workerid"]) if workerinput else ""
     config.stash[session_key] = session
     try:
         registry = project.registry if project else TargetRegistry()
@@ -227,12 +228,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def _session(request: pytest.FixtureRequest) -> EpicsSession:
-    session = request.config.stash[session_key]
-    if session.work_dir is None:
-        # Build logs and IOC consoles go where pytest keeps its temporary files (and prunes them).
-        factory: pytest.TempPathFactory = request.getfixturevalue("tmp_path_factory")
-        session.work_dir = factory.mktemp("epics-multiarch", numbered=True)
-    return session
+    return request.config.stash[session_key]
 
 
 def _project(request: pytest.FixtureRequest) -> ProjectConfig:
@@ -425,8 +421,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     epics = config.stash.get(session_key, None)
     if epics is None:
         return
-    hints = epics.close()
+    failed = exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+    hints = epics.close(keep_logs=bool(failed))
     config.stash[kept_key] = hints
+    if failed and epics.work_dir is not None:
+        config.stash[logs_key] = epics.work_dir
     if hasattr(config, "workerinput"):
         return  # the xdist controller reports for the whole run
     matrix = config.stash[matrix_key]
@@ -461,6 +460,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             )
     for hint in config.stash.get(kept_key, []):
         terminalreporter.write_line(f"kept IOC: {hint}")
+    if logs_key in config.stash:
+        terminalreporter.write_line(
+            f"epics-multiarch: build logs and IOC consoles in {config.stash[logs_key]}"
+        )
     if epics.settings.report is not None:
         terminalreporter.write_line(f"epics-multiarch: report written to {epics.settings.report}")
 

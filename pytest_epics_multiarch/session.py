@@ -7,6 +7,7 @@ stash; fixtures ask it for images and IOCs. It can be built and used without pyt
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,11 @@ class EpicsSession:
         engine_factory: Callable[[], Engine] = Engine.connect,
     ) -> None:
         self.settings = settings
-        self.work_dir = work_dir
+        #: Build logs, IOC consoles, boot payloads. Ours to remove only when we made it.
+        self.work_dir = work_dir or settings.log_dir
+        self._owns_work_dir = False
+        #: The xdist worker id ("gw0"): workers sharing a --epics-log-dir write in subfolders.
+        self.worker = ""
         self.progress = progress
         self.owner = owner or Owner.current()
         self.configs = ConfigCache(settings.config)
@@ -66,8 +71,11 @@ class EpicsSession:
     def log_dir(self) -> Path:
         """Where build logs and IOC consoles are written (a temp dir when none was given)."""
         if self.work_dir is None:
-            self.work_dir = Path(tempfile.mkdtemp(prefix="epics-multiarch-"))
-        return self.work_dir
+            self.work_dir = Path(tempfile.mkdtemp(prefix="pytest-epics-multiarch-"))
+            self._owns_work_dir = True
+        folder = self.work_dir / self.worker if self.worker else self.work_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     # -- shared resources, created on first use -------------------------------------------------
 
@@ -237,7 +245,16 @@ class EpicsSession:
             info["start_s"] = max(starts)
         return info
 
-    def close(self) -> list[str]:
-        """Stop every IOC of the session; return how to reach the kept ones."""
+    def close(self, *, keep_logs: bool = False) -> list[str]:
+        """Stop every IOC of the session; return how to reach the kept ones.
+
+        The temporary work folder goes too, unless ``keep_logs`` (a failing run) or IOCs are
+        kept running (their consoles write there).
+        """
         self.images.close()
-        return self.iocs.stop_all()
+        hints = self.iocs.stop_all()
+        if self._owns_work_dir and self.work_dir is not None and not keep_logs and not hints:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            self.work_dir = None
+            self._owns_work_dir = False
+        return hints

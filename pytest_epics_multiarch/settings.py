@@ -105,6 +105,13 @@ OPTIONS: tuple[Option, ...] = (
         "str",
         metavar="PATH",
     ),
+    Option(
+        "log_dir",
+        "folder for build logs and IOC consoles (default: a temporary folder, removed after a "
+        "passing run and kept after a failing one)",
+        "path",
+        metavar="PATH",
+    ),
     Option("build_timeout", "seconds one image build may take; default: 1800", "float", default=1800.0),
     Option(
         "start_timeout",
@@ -128,6 +135,7 @@ class Settings:
     ca_client: str = "caproto"
     ioc_scope: str = "module"
     docker_cli: str | None = None
+    log_dir: Path | None = None
     build_timeout: float = 1800.0
     start_timeout: float | None = None
     #: Where each value came from ("--arch", "EPICS_MULTIARCH_ARCH", "ini epics_arch", ...).

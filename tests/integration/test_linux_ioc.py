@@ -7,6 +7,7 @@ check what users would see: outcomes, the matrix, the report, and that nothing i
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import docker
@@ -26,6 +27,7 @@ def test_sample_passes_on_linux_and_leaves_nothing(
     pytester: pytest.Pytester, no_leftover_containers: None, tmp_path: Path, ca_client: str
 ) -> None:
     report = tmp_path / "report.json"
+    temp_dirs = set(Path(tempfile.gettempdir()).glob("pytest-epics-multiarch-[!l]*"))
     result = pytester.runpytest_subprocess(
         str(SAMPLE),
         "--arch=linux/amd64",
@@ -48,6 +50,8 @@ def test_sample_passes_on_linux_and_leaves_nothing(
     linux = data["targets"]["linux/amd64"]
     assert data["gate"] == "pass" and linux["status"] == "passed" and linux["failed"] == 0
     assert linux["image"].endswith("sample-ioc-runtime:dev") and linux["digest"].startswith("sha256:")
+    # A passing run removes its temporary logs folder.
+    assert set(Path(tempfile.gettempdir()).glob("pytest-epics-multiarch-[!l]*")) == temp_dirs
 
 
 def test_ca_ports_are_published_on_loopback_only(tmp_path: Path) -> None:
@@ -105,7 +109,7 @@ def test_xdist_builds_each_variant_once(
 ) -> None:
     tag = f"xdist{Owner.current().session}"
     config = sample_config_with_tag(tmp_path, tag)
-    basetemp = tmp_path / "basetemp"
+    logs = tmp_path / "logs"
     try:
         result = pytester.runpytest_subprocess(
             str(SAMPLE / "tests"),
@@ -114,14 +118,14 @@ def test_xdist_builds_each_variant_once(
             "--arch=linux/amd64",
             f"--epics-config={config}",
             "--epics-image-policy=build",
-            f"--basetemp={basetemp}",
+            f"--epics-log-dir={logs}",
             "-p",
             "no:cacheprovider",
         )
-        result.assert_outcomes(passed=15)
-        result.stdout.fnmatch_lines(["linux/amd64*passed*15*0*0*0"])
-        # Each worker logs the builds it ran: two stages, built once in all.
-        builds = sorted(p.name for p in basetemp.rglob("build-*.log"))
+        result.assert_outcomes(passed=22)
+        result.stdout.fnmatch_lines(["linux/amd64*passed*22*0*0*0"])
+        # Each worker logs the builds it ran (in its own subfolder): two stages, built once in all.
+        builds = sorted(p.name for p in logs.rglob("build-*.log"))
         assert len(builds) == 2, builds
     finally:
         remove_images_tagged(tag)

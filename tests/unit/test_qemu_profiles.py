@@ -39,7 +39,9 @@ def test_qemuprep_needs_firmware() -> None:
 
 
 def test_pc686_command_line() -> None:
-    argv = get_profile("pc686-qemu").command(kernel=Path("/p/test.exe"), port=5999, hostname="ioc1", tftp_root=Path("/t"))
+    argv = get_profile("pc686-qemu").command(
+        kernel=Path("/p/test.exe"), port=5999, hostname="ioc1", tftp_root=Path("/t")
+    )
     assert argv == [
         "qemu-system-i386", "-M", "pc", "-m", "64",
         "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
