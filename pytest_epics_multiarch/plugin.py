@@ -50,19 +50,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     settings_mod.add_options(parser)
 
 
+def _arg_paths(config: pytest.Config) -> list[Path]:
+    """The existing paths the command line names (node ids cut to their file)."""
+    paths = []
+    for arg in config.args or [str(config.invocation_params.dir)]:
+        path = config.invocation_params.dir / arg.split("::")[0]  # an absolute arg stays itself
+        if path.exists():
+            paths.append(path)
+    return paths
+
+
 def _session_config_path(config: pytest.Config, explicit: Path | None) -> Path | None:
     """The config file whose ``options:`` count for the whole session."""
     if explicit is not None:
         return explicit
-    for arg in config.args or [str(config.invocation_params.dir)]:
-        candidate = Path(arg.split("::")[0])
-        if not candidate.is_absolute():
-            candidate = config.invocation_params.dir / candidate
-        if candidate.exists():
-            found = find_config(candidate)
-            if found:
-                return found
-    return None
+    return next((found for path in _arg_paths(config) if (found := find_config(path))), None)
 
 
 def _known_target_names(config: pytest.Config, explicit: Path | None) -> set[str]:
@@ -72,11 +74,10 @@ def _known_target_names(config: pytest.Config, explicit: Path | None) -> set[str
     if explicit is not None:
         paths.add(explicit)
     else:
-        for arg in config.args or [str(config.invocation_params.dir)]:
-            candidate = config.invocation_params.dir / arg.split("::")[0]
-            if found := find_config(candidate):
+        for path in _arg_paths(config):
+            if found := find_config(path):
                 paths.add(found)
-            paths.update(find_configs_below(candidate))
+            paths.update(find_configs_below(path))
     for path in paths:
         try:
             names.update(load_config(path).registry.names())
