@@ -25,6 +25,9 @@ class TargetResult:
     start_s: float = 0.0
     reason: str = ""
     failures: list[dict[str, str]] = field(default_factory=list)
+    #: The plugin skipped tests because the target itself could not run (a build-only BSP, a
+    #: missing toolchain image, no engine): the target counts as skipped whatever else passed.
+    blocked: bool = False
 
     @property
     def ran(self) -> int:
@@ -36,7 +39,7 @@ class TargetResult:
             return "error"
         if self.failed or self.errors:
             return "failed"
-        if self.passed:
+        if self.passed and not self.blocked:
             return "passed"
         return "skipped"
 
@@ -44,7 +47,7 @@ class TargetResult:
         """Why this target blocks a release, or None when it passes the gate."""
         if self.failed or self.errors:
             return f"{self.failed} failed, {self.errors} errors"
-        if not self.passed:
+        if self.blocked or not self.passed:
             return "skipped: " + self.reason if self.reason else "ran no test"
         return None
 
@@ -77,6 +80,7 @@ class TargetResult:
             start_s=float(data.get("start_s", 0.0)),
             reason=str(data.get("reason", "")),
             failures=[dict(f) for f in data.get("failures", [])],
+            blocked=data.get("status") == "skipped",
         )
 
 
@@ -98,7 +102,11 @@ class Matrix:
             result.passed += 1
         elif outcome == "skipped":
             result.skipped += 1
-            if reason and not result.reason:
+            # The plugin's own skips name their target first: "[rtems/powerpc/beatnik] ...".
+            target_level = reason.startswith(f"[{target}]")
+            if target_level and not result.blocked:
+                result.blocked, result.reason = True, reason.splitlines()[0]
+            elif reason and not result.reason:
                 result.reason = reason
         else:
             if outcome == "error":
@@ -207,4 +215,5 @@ def merge(matrices: Iterable[Matrix]) -> Matrix:
             into.build_s = max(into.build_s, result.build_s)
             into.start_s = max(into.start_s, result.start_s)
             into.reason = into.reason or result.reason
+            into.blocked = into.blocked or result.blocked
     return merged

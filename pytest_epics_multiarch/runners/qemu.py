@@ -15,10 +15,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..console import Console
+from ..engine import LABEL_KEEP, Owner, owner_is_alive
 from ..errors import IocStartError
 from ..payload import Payload
 from .base import ConsoleRunner, ReadyProbe, free_port
@@ -28,6 +31,14 @@ log = logging.getLogger("pytest_epics_multiarch.runners.qemu")
 
 #: What QEMU prints when a hostfwd port was taken between choosing it and binding it.
 _PORT_TAKEN = "Could not set up host forwarding rule"
+
+#: Stamps each QEMU process with its owner's labels (JSON), as labels stamp a container. QEMU
+#: runs in a session of its own, so it outlives a session that crashed (SIGKILL, OOM): without
+#: the stamp nothing could tell that emulator from a live session's, and it ran forever.
+OWNER_ENV = "PYTEST_EPICS_MULTIARCH_OWNER"
+
+_sweep_lock = threading.Lock()
+_swept = False
 
 
 class QemuIoc(ConsoleRunner):
@@ -44,6 +55,7 @@ class QemuIoc(ConsoleRunner):
         start_timeout: float,
         log_path: Path | None = None,
         ready_probe: ReadyProbe | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
             target=target,
@@ -62,6 +74,8 @@ class QemuIoc(ConsoleRunner):
         )
         self.argv: list[str] = []
         self._process: subprocess.Popen[bytes] | None = None
+        #: The owner's labels (with keep=true for --epics-keep-iocs), stamped on the process.
+        self.labels = dict(labels) if labels is not None else Owner.current().labels()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -75,6 +89,7 @@ class QemuIoc(ConsoleRunner):
                 hint="install QEMU (Debian: apt-get install qemu-system-ppc qemu-system-data)",
             )
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        _sweep_once()
         for attempt in range(5):
             port = free_port() if self.settings.serve_startup else self.settings.ca_port
             self._launch(port)
@@ -141,6 +156,7 @@ class QemuIoc(ConsoleRunner):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=self.work_dir,
+            env={**os.environ, OWNER_ENV: json.dumps(self.labels)},
             start_new_session=True,  # its own process group: stop() signals QEMU and anything it spawned
         )
         self._process = process
@@ -217,6 +233,57 @@ class QemuIoc(ConsoleRunner):
             f"(EPICS_CA_ADDR_LIST={host}:{port} EPICS_CA_AUTO_ADDR_LIST=NO caget ...); "
             f"stop: kill -- -{pid}"
         )
+
+
+def _owner_stamp(pid: str) -> dict[str, str] | None:
+    """The owner labels stamped on process ``pid``, or None (not one of ours, or unreadable)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = OWNER_ENV.encode() + b"="
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            try:
+                labels = json.loads(entry[len(prefix) :])
+            except ValueError:
+                return None
+            return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else None
+    return None
+
+
+def sweep_leftovers(host: str) -> list[str]:
+    """Kill the QEMU IOCs of dead sessions on this host (kept ones excepted); return them.
+
+    The counterpart of the engine's container sweep: only processes stamped by this plugin, whose
+    owner process has ended, and that lead their own process group (as QEMU IOCs are started).
+    """
+    killed: list[str] = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        labels = _owner_stamp(entry.name)
+        if labels is None or labels.get(LABEL_KEEP) == "true" or owner_is_alive(labels, host):
+            continue
+        pid = int(entry.name)
+        try:
+            if os.getpgid(pid) != pid:
+                continue
+        except ProcessLookupError:
+            continue
+        _signal_group(pid, signal.SIGKILL)
+        killed.append(f"QEMU pid {pid}")
+    return killed
+
+
+def _sweep_once() -> None:
+    """Sweep leftover QEMU IOCs before this process boots its first one."""
+    global _swept
+    with _sweep_lock:
+        if _swept:
+            return
+        _swept = True
+        killed = sweep_leftovers(socket.gethostname())
+    if killed:
+        log.info("removed leftover QEMU IOC(s) of dead sessions: %s", ", ".join(killed))
 
 
 def _link_or_copy(src: str, dst: str) -> None:

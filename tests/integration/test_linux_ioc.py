@@ -190,3 +190,62 @@ def test_an_ioc_that_exits_fails_fast_with_its_log(
         ]
     )
     assert "seconds" not in result.stdout.str().split("the IOC did not reach iocRun")[1][:200]
+
+
+def test_gate_over_the_sample_matrix(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """rtems/powerpc can't run here (no RTEMS toolchain image): the gate says so; linux alone passes."""
+    report = tmp_path / "r.json"
+    both = pytester.runpytest_subprocess(
+        str(SAMPLE),
+        "--arch=linux/amd64,rtems/powerpc",
+        "--epics-gate",
+        f"--epics-report={report}",
+        "-p",
+        "no:cacheprovider",
+    )
+    assert both.ret == pytest.ExitCode.TESTS_FAILED, both.stdout.str()
+    both.stdout.fnmatch_lines(["linux/amd64: pass", "rtems/powerpc: FAIL: skipped: *needs image*"])
+    data = json.loads(report.read_text())
+    assert data["gate"] == "fail"
+    assert data["targets"]["linux/amd64"]["status"] == "passed"
+    rtems = data["targets"]["rtems/powerpc"]
+    assert (
+        rtems["status"] == "skipped"
+        and rtems["passed"] == 0
+        and "needs image epics-rtems5" in rtems["reason"]
+    )
+    linux_only = pytester.runpytest_subprocess(
+        str(SAMPLE), "--arch=linux/amd64", "--epics-gate", "-p", "no:cacheprovider"
+    )
+    assert linux_only.ret == 0, linux_only.stdout.str()
+
+
+def test_a_build_only_bsp_skips_its_ioc_tests_naming_the_profiles(pytester: pytest.Pytester) -> None:
+    tag = f"buildonly{Owner.current().session}"
+    pytester.makefile(
+        ".yaml",
+        **{
+            "epics-multiarch": f'schema: 1\nimage: {{name: build-only, tag: {tag}}}\nbuild: {{stages: [runtime], args: {{BASE_IMAGE: "{BASE_IMAGE}"}}}}\n'
+        },
+    )
+    (pytester.path / "Dockerfile").write_text("ARG BASE_IMAGE\nFROM ${BASE_IMAGE} AS runtime\n")
+    pytester.makepyfile(
+        test_b=f"def test_image(ioc_image):\n    assert ioc_image.ref.endswith('-rtems-beatnik-runtime:{tag}')\n\n"
+        "def test_boot(ioc):\n    pass\n"
+    )
+    try:
+        result = pytester.runpytest_subprocess(
+            "--arch=rtems/powerpc/beatnik", "-rs", "-p", "no:cacheprovider"
+        )
+        result.assert_outcomes(passed=1, skipped=1)
+        result.stdout.fnmatch_lines(
+            [
+                "*[[]rtems/powerpc/beatnik[]] build-only target: no QEMU model boots BSP beatnik (QEMU profiles: qemuprep, pc686-qemu, pseries, custom)*"
+            ]
+        )
+        gated = pytester.runpytest_subprocess(
+            "--arch=rtems/powerpc/beatnik", "--epics-gate", "-p", "no:cacheprovider"
+        )
+        assert gated.ret == pytest.ExitCode.TESTS_FAILED
+    finally:
+        remove_images_tagged(tag)
