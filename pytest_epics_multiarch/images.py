@@ -26,7 +26,8 @@ import docker.errors
 
 from .config import ImageSpec, ProjectConfig
 from .engine import LABEL_INPUTS, BuildCli, Engine
-from .errors import ConfigError, ImageError, PrerequisiteMissing, tail_lines
+from .errors import ConfigError, EngineUnavailable, ImageError, PrerequisiteMissing, tail_lines
+from .oci import RegistryClient, Resolved
 from .targets import Target
 
 log = logging.getLogger("pytest_epics_multiarch.images")
@@ -77,6 +78,9 @@ class ImageResult:
     digest: str = ""
     stages: dict[str, str] = field(default_factory=dict)
     build_log: Path | None = None
+    #: Set when the image is an index entry the engine can't pull (a custom platform): its
+    #: payload is read from the registry's layer blobs.
+    registry_image: Resolved | None = None
 
     def __str__(self) -> str:
         return self.ref
@@ -202,7 +206,12 @@ class ImageResolver:
                 seen=f"{config.where} has no image: section",
                 hint="add epics-multiarch.yaml next to your tests (see the README), or pass --epics-config",
             )
-        engine = self._engine_factory()
+        try:
+            engine = self._engine_factory()
+        except EngineUnavailable as exc:
+            # The engine is the session's, but each target's tests skip with this message: without
+            # the target, "-rs" and the report said "no Docker engine answers" for no target at all.
+            raise EngineUnavailable(exc.what, target=target.name, seen=exc.seen, hint=exc.hint) from exc
         can_build = config.build.dockerfile is not None
         policy = self.policy
         if policy == "build" and not can_build:
@@ -233,23 +242,60 @@ class ImageResolver:
             if image_id:
                 self.progress(f"{target.name}: using local image {ref}")
                 return ImageResult(ref, target, "local", 0.0, image_id, _digest(engine, ref, image_id))
-        repo, tag = split_ref(ref)
+        pull_ref = ref
+        if target.os != "linux":
+            # Images published the first way: an index entry with a custom platform such as
+            # rtems/powerpc/runtime, which the engine refuses ("operating system is not
+            # supported"). Read the index ourselves; the payload then comes from the layers.
+            resolved = self._find_in_registry(ref, target, config.build.run_stage)
+            if resolved is not None and not resolved.engine_can_pull:
+                seconds = time.monotonic() - started
+                entry = resolved.entry.platform if resolved.entry else None
+                self.progress(f"{target.name}: reading {ref} ({entry}) from the registry, not the engine")
+                return ImageResult(
+                    ref, target, "in registry", seconds, "", resolved.manifest.digest, registry_image=resolved
+                )
+            if resolved is not None:
+                pull_ref = resolved.engine_ref  # the entry's linux image, by digest
         self.progress(f"{target.name}: pulling {ref} ({target.platform})")
-        try:
-            engine.client.images.pull(repo, tag=tag, platform=target.platform)
-        except docker.errors.APIError as exc:
-            registry = repo.split("/", 1)[0] if "/" in repo else "Docker Hub"
-            raise ImageError(
-                f"could not pull {ref}",
-                target=target.name,
-                seen=f"registry {registry}: {exc.explanation or exc}",
-                hint="check the image name, tag and registry in epics-multiarch.yaml, that the "
-                "registry runs, and that the image was pushed (or build it: --epics-image-policy=build)",
-            ) from exc
+        self._engine_pull(engine, pull_ref, target)
+        if pull_ref != ref:
+            repo, tag = split_ref(ref)
+            engine.client.images.get(pull_ref).tag(repo, tag)
         seconds = time.monotonic() - started
         image_id = engine.image_id(ref) or ""
         self.progress(f"{target.name}: pulled {ref} in {seconds:.1f} s")
         return ImageResult(ref, target, "pulled", seconds, image_id, _digest(engine, ref, image_id))
+
+    def _find_in_registry(self, ref: str, target: Target, stage: str) -> Resolved | None:
+        """The registry's entry for ``target`` when ``ref`` names an index, else None."""
+        resolved = RegistryClient.for_reference(ref).resolve(
+            ref, target.registry_platform, stage, target=target.name
+        )
+        return resolved if resolved.index is not None else None
+
+    def _engine_pull(self, engine: Engine, ref: str, target: Target) -> None:
+        """Pull through the engine, failing on the errors its progress stream reports.
+
+        The SDK's ``images.pull`` drops them: a refused pull then surfaces as ImageNotFound, or
+        silently leaves a stale local image in place.
+        """
+        repo, tag = (ref.split("@", 1)[0], ref.split("@", 1)[1]) if "@" in ref else split_ref(ref)
+        registry = repo.split("/", 1)[0] if "/" in repo else "Docker Hub"
+        try:
+            for line in engine.client.api.pull(
+                repo, tag=tag, platform=target.platform, stream=True, decode=True
+            ):
+                if isinstance(line, dict) and line.get("error"):
+                    raise docker.errors.APIError(str(line["error"]))
+        except docker.errors.APIError as exc:
+            raise ImageError(
+                f"could not pull {ref}",
+                target=target.name,
+                seen=f"registry {registry}: {getattr(exc, 'explanation', None) or exc}",
+                hint="check the image name, tag and registry in epics-multiarch.yaml, that the "
+                "registry runs, and that the image was pushed (or build it: --epics-image-policy=build)",
+            ) from exc
 
     def _check_requirements(self, engine: Engine, config: ProjectConfig, target: Target) -> None:
         for requirement in config.requires_for(target):

@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import ConfigCache, IocSpec, ProjectConfig
 from .engine import BuildCli, Engine, Owner, find_build_cli
-from .errors import ConfigError, EngineUnavailable, IocStartError
+from .errors import ConfigError, EngineUnavailable, ImageError, IocStartError
 from .images import ImageResolver, ImageResult
 from .ioc import Ioc, IocPool
 from .payload import Payload
@@ -150,6 +150,15 @@ class EpicsSession:
         if target.runner == "container":
             from .runners.container import ContainerIoc
 
+            if image.registry_image is not None:
+                raise ImageError(
+                    f"{image.ref} is a {image.registry_image.config_os} image the engine can't run",
+                    target=target.name,
+                    seen="its registry index entry has a non-Linux platform",
+                    hint="container targets need a Linux entry; emulated targets (runner: qemu) read "
+                    "such an entry's payload from the registry",
+                )
+
             command = (
                 [part.replace("{startup}", spec.startup or "") for part in spec.command]
                 if spec.command
@@ -184,12 +193,14 @@ class EpicsSession:
         ready_probe: Callable[[tuple[str, int]], None],
         log_path: Path,
     ) -> IocRunner:
+        from .oci import RegistryClient, payload_from_layers
         from .payload import extract_payload, label_overrides
         from .runners.profiles import resolve_qemu
         from .runners.qemu import QemuIoc
 
         engine = self.engine()
-        labels = engine.client.images.get(image.ref).labels or {}
+        remote = image.registry_image
+        labels = remote.labels() if remote else (engine.client.images.get(image.ref).labels or {})
         qemu, profile = resolve_qemu(
             default_profile=target.qemu_profile,
             epics_arch=target.epics_arch,
@@ -199,12 +210,24 @@ class EpicsSession:
             workdir=spec.workdir,
             where=config.where,
         )
-        key = (image.image_id or image.ref, qemu.serve_startup)
+        key = (image.image_id or image.digest or image.ref, qemu.serve_startup)
         if key not in self._payloads:
             dest = self.log_dir() / f"payload-{len(self._payloads) + 1}"
-            self._payloads[key] = extract_payload(
-                engine, image.ref, qemu.payload_paths(), dest, target=target.name, labels=self.owner.labels()
-            )
+            if remote is not None:
+                # An index entry the engine refuses: the boot payload comes from the layer blobs.
+                client = RegistryClient.for_reference(image.ref)
+                self._payloads[key] = payload_from_layers(
+                    client, remote.manifest, qemu.payload_paths(), dest, target=target.name
+                )
+            else:
+                self._payloads[key] = extract_payload(
+                    engine,
+                    image.ref,
+                    qemu.payload_paths(),
+                    dest,
+                    target=target.name,
+                    labels=self.owner.labels(),
+                )
         if not qemu.serve_startup:
             self._claim_fixed_port(target, qemu.ca_port)
         return QemuIoc(

@@ -50,6 +50,9 @@ class Target:
     #: Extra build args for this target, on top of the conventional ones.
     build_args: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
+    #: The platform of this target's entry in a registry index published with custom platforms
+    #: (``rtems/powerpc`` + the stage as variant); default: ``os/arch``.
+    index_platform: str | None = None
 
     @property
     def os(self) -> str:
@@ -63,6 +66,10 @@ class Target:
     def variant(self) -> str | None:
         parts = self.name.split("/")
         return parts[2] if len(parts) > 2 else None
+
+    @property
+    def registry_platform(self) -> str:
+        return self.index_platform or f"{self.os}/{self.arch}"
 
     @property
     def can_run(self) -> bool:
@@ -132,6 +139,7 @@ _TARGET_KEYS = {
     "qemu_profile": str,
     "build_args": dict,
     "description": str,
+    "index_platform": str,
 }
 
 
