@@ -109,6 +109,8 @@ def pytest_configure(config: pytest.Config) -> None:
             ini_dir=config.rootpath,
             config_dir=config_path.parent if config_path else None,
         )
+        if resolved.config is not None and not resolved.config.is_file():
+            raise ConfigError(f"{resolved.sources['config']}: no such file: {resolved.config}")
         if resolved.arch:
             validate_names(resolved.arch, _known_target_names(config, resolved.config))
     except ConfigError as exc:
@@ -414,6 +416,8 @@ def _one_line(report: pytest.TestReport) -> str:
     crash = getattr(report.longrepr, "reprcrash", None)
     if crash is not None:
         return str(crash.message).splitlines()[0]
+    if isinstance(report.longrepr, str):
+        return report.longrepr.splitlines()[0]  # the plugin's own errors: "[target] what failed"
     return str(report.longrepr).splitlines()[-1] if report.longrepr else "failed"
 
 

@@ -239,6 +239,7 @@ class EpicsSession:
             start_timeout=self.settings.start_timeout or qemu.boot_timeout,
             log_path=log_path,
             ready_probe=ready_probe,
+            labels=self.owner.labels(keep=self.settings.keep_iocs),
         )
 
     def _claim_fixed_port(self, target: Target, port: int) -> None:

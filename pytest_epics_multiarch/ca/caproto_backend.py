@@ -247,6 +247,10 @@ class CaprotoClient(BoundClient):
             response = call()
         except _caproto().CaprotoTimeoutError:
             raise NoReply(no_answer(awaited, timeout)) from None
+        except KeyError:
+            # caproto wakes a waiting request when the circuit drops (the IOC died), then looks
+            # up a response that never came.
+            raise NoReply(f"the IOC closed the connection before {awaited}") from None
         refusal = _refusal(response)
         if refusal:
             raise Refused(refusal)

@@ -32,8 +32,11 @@ _PORT_TAKEN = ("port is already allocated", "address already in use")
 class ContainerIoc(ConsoleRunner):
     """One soft IOC in a container: ``start()`` returns once it serves Channel Access."""
 
+    # The readiness PV is named in the config too: when it never answers after iocRun, a wrong
+    # ioc.ready_pv is likelier than a slow IOC, and the hint said nothing of it.
     start_hint = (
-        "read the IOC log above; if the IOC is just slow, raise ioc.start_timeout in epics-multiarch.yaml"
+        "read the IOC log above; if the IOC is just slow, raise ioc.start_timeout in epics-multiarch.yaml; "
+        "if it reached iocRun, check that ioc.ready_pv names one of its records"
     )
 
     def __init__(
@@ -77,14 +80,19 @@ class ContainerIoc(ConsoleRunner):
                 break
             except docker.errors.APIError as exc:
                 self._remove_container()
-                if any(text in str(exc) for text in _PORT_TAKEN) and attempt < 4:
+                port_taken = any(text in str(exc) for text in _PORT_TAKEN)
+                if port_taken and attempt < 4:
                     log.info("%s: port %d was taken meanwhile, trying another", self.target, port)
                     continue
                 raise IocStartError(
                     f"could not start a container of {self.image}",
                     target=self.target,
                     seen=str(getattr(exc, "explanation", None) or exc),
-                    hint="check the image's command and the ioc: section of epics-multiarch.yaml",
+                    # The image and the config are not to blame when every port tried was taken.
+                    hint=f"{attempt + 1} free ports in a row were taken before the container could "
+                    "publish them: something on this machine is grabbing ports quickly (see ss -ltnup)"
+                    if port_taken
+                    else "check the image's command and the ioc: section of epics-multiarch.yaml",
                 ) from exc
         self._attach_console()
         self._wait_ready(started)

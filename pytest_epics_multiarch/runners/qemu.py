@@ -235,7 +235,7 @@ class QemuIoc(ConsoleRunner):
         )
 
 
-def _owner_stamp(pid: str) -> dict[str, str] | None:
+def owner_stamp(pid: str) -> dict[str, str] | None:
     """The owner labels stamped on process ``pid``, or None (not one of ours, or unreadable)."""
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
@@ -260,7 +260,7 @@ def sweep_leftovers(host: str) -> list[str]:
     """
     killed: list[str] = []
     for entry in Path("/proc").glob("[0-9]*"):
-        labels = _owner_stamp(entry.name)
+        labels = owner_stamp(entry.name)
         if labels is None or labels.get(LABEL_KEEP) == "true" or owner_is_alive(labels, host):
             continue
         pid = int(entry.name)
