@@ -58,9 +58,14 @@ def no_leftover_containers() -> Iterator[None]:
 
 
 @pytest.fixture
-def subprocess_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Runs in a subprocess see the same engine/registry as the outer test run."""
+def subprocess_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Runs in a subprocess see the same engine/registry as the outer test run.
+
+    Their build logs and IOC consoles go under this test's folder: a run that fails on purpose
+    keeps its logs, and they must not pile up in /tmp.
+    """
     monkeypatch.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
     for name in list(os.environ):
         if name.startswith("EPICS_MULTIARCH_") and name != "EPICS_MULTIARCH_REGISTRY":
             monkeypatch.delenv(name)
+    monkeypatch.setenv("EPICS_MULTIARCH_LOG_DIR", str(tmp_path / "epics-logs"))

@@ -24,8 +24,13 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.usefixtures("sub
 
 @pytest.mark.parametrize("ca_client", ["caproto", "pyepics"])
 def test_sample_passes_on_linux_and_leaves_nothing(
-    pytester: pytest.Pytester, no_leftover_containers: None, tmp_path: Path, ca_client: str
+    pytester: pytest.Pytester,
+    no_leftover_containers: None,
+    tmp_path: Path,
+    ca_client: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("EPICS_MULTIARCH_LOG_DIR")  # the default: a temporary folder
     report = tmp_path / "report.json"
     temp_dirs = set(Path(tempfile.gettempdir()).glob("pytest-epics-multiarch-[!l]*"))
     result = pytester.runpytest_subprocess(
