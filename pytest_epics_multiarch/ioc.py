@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .ca import CAClient, make_ca_client
 from .config import IocSpec, ProjectConfig
-from .errors import CAError, IocError, IocStartError
+from .errors import IocError, IocStartError
 from .images import ImageResult
 from .runners.base import IocRunner
 from .targets import Target
@@ -134,10 +134,7 @@ class IocPool:
             pv = spec.ready_pv or first_record(ioc.iocsh("dbl", timeout=5.0))
             if pv is None:
                 raise IocError("the IOC lists no records (dbl printed none)", target=target.name)
-            try:
-                ioc.ca.get(pv, timeout=1.0)
-            except CAError:
-                raise
+            ioc.ca.get(pv, timeout=1.0)  # raises a CA error until the PV answers
             log.debug("%s: readiness PV %s answered on %s:%d", target.name, pv, *address)
 
         runner = self._runner_factory(config, target, image, spec, ready_probe, log_path)

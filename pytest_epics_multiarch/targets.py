@@ -254,17 +254,6 @@ class TargetRegistry:
         return result
 
 
-def split_arch_values(values: Iterable[str]) -> list[str]:
-    """``--arch a,b --arch c`` -> ``[a, b, c]``: repeatable and comma-separated, order kept."""
-    names: list[str] = []
-    for value in values:
-        for part in value.split(","):
-            part = part.strip()
-            if part and part not in names:
-                names.append(part)
-    return names
-
-
 def validate_names(names: Iterable[str], known: Iterable[str]) -> None:
     """Usage check of ``--arch`` values against every known target name."""
     known_sorted = sorted(set(known))
