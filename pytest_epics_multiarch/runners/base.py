@@ -135,7 +135,11 @@ class ConsoleRunner:
                 alternatives, max(deadline - time.monotonic(), 0.1), alive=self.is_running, what=READY_TEXT
             )
         except IocError as exc:
-            raise self._start_error("the IOC did not reach iocRun", exc.seen) from None
+            # Say the configured time, not what was left of it when the console was attached.
+            seen = exc.seen if console.closed or not self.is_running() else None
+            raise self._start_error(
+                "the IOC did not reach iocRun", seen or f"no match within {self.start_timeout:.0f} s"
+            ) from None
         if match.group(0) != READY_TEXT:
             raise self._start_error("the IOC died while starting", f"the console printed {match.group(0)!r}")
         if self.ready_probe is None:
