@@ -32,7 +32,7 @@ from .errors import (
 from .images import ImageResult
 from .ioc import Ioc
 from .reporting import Matrix
-from .runners.profiles import profile_names
+from .runners.profiles import build_only_reason
 from .session import EpicsSession
 from .stash import item_iocs_key, item_target_key, kept_key, logs_key, matrix_key, session_key
 from .targets import Target, TargetRegistry, builtin_targets, validate_names
@@ -287,11 +287,7 @@ def _start(
     request: pytest.FixtureRequest, target: Target, image: ImageResult, *, shared: bool = False
 ) -> Ioc:
     if not target.can_run:
-        pytest.skip(
-            f"[{target.name}] build-only target: no QEMU model boots BSP {target.variant or target.arch} "
-            f"(QEMU profiles: {', '.join(profile_names())}); boot tests run on an emulated BSP "
-            "build of the same Dockerfile (e.g. rtems/powerpc)"
-        )
+        pytest.skip(build_only_reason(target))
     session = _session(request)
     try:
         if shared:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..targets import Target
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,15 @@ def get_profile(name: str, custom: Mapping[str, Any] | None = None, where: str =
     if "extra" in custom:
         changes["extra"] = tuple(str(x) for x in custom["extra"])
     return replace(base, **changes)
+
+
+def build_only_reason(target: Target) -> str:
+    """Why a build-only target's IOC tests skip (the "[target]" prefix marks a target-level skip)."""
+    return (
+        f"[{target.name}] build-only target: no QEMU model boots BSP {target.variant or target.arch} "
+        f"(QEMU profiles: {', '.join(profile_names())}); boot tests run on an emulated BSP "
+        "build of the same Dockerfile (e.g. rtems/powerpc)"
+    )
 
 
 def inject_ca_port(st_cmd: str, port: int) -> str:

@@ -30,7 +30,7 @@ from ..errors import (
 )
 from ..images import ImageResult, split_ref
 from ..ioc import Ioc
-from ..runners.profiles import profile_names
+from ..runners.profiles import build_only_reason
 from ..session import EpicsSession
 from ..stash import item_iocs_key, item_target_key, session_key
 from ..targets import Target
@@ -137,11 +137,7 @@ class IocCheckItem(pytest.Item):
         except ConfigError as exc:
             pytest.fail(str(exc), pytrace=False)
         if not target.can_run:
-            pytest.skip(
-                f"[{target.name}] build-only target: no QEMU model boots BSP "
-                f"{target.variant or target.arch} (QEMU profiles: {', '.join(profile_names())}); "
-                "boot tests run on an emulated BSP build of the same Dockerfile (e.g. rtems/powerpc)"
-            )
+            pytest.skip(build_only_reason(target))
         try:
             self.ioc = self._shared_ioc(session, project, target)
         except (PrerequisiteMissing, EngineUnavailable) as exc:
