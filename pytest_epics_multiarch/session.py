@@ -66,6 +66,7 @@ class EpicsSession:
             ca_backend=settings.ca_client,
             keep=settings.keep_iocs,
             log_dir=self.log_dir,
+            spares=settings.spare_iocs,
         )
 
     def log_dir(self) -> Path:

@@ -24,7 +24,7 @@ from .errors import ConfigError
 class Option:
     name: str
     help: str
-    kind: str  # "bool" | "choice" | "path" | "str" | "arch" | "float"
+    kind: str  # "bool" | "choice" | "path" | "str" | "arch" | "float" | "count"
     default: Any = None
     choices: tuple[str, ...] = ()
     metavar: str | None = None
@@ -99,6 +99,22 @@ OPTIONS: tuple[Option, ...] = (
         choices=("module", "function", "session"),
     ),
     Option(
+        "engine",
+        "container engine: docker, podman, or auto (Docker when it answers, else Podman); "
+        "default: auto",
+        "choice",
+        default="auto",
+        choices=("docker", "podman", "auto"),
+    ),
+    Option(
+        "spare_iocs",
+        "IOCs per configuration started ahead, in the background, so that the next test's IOC "
+        "is ready when asked for (container targets; 0 turns it off); default: 1",
+        "count",
+        default=1,
+        metavar="N",
+    ),
+    Option(
         "docker_cli",
         "docker CLI used for BuildKit builds (default: one with buildx, else a pre-23 CLI with "
         "DOCKER_BUILDKIT=1)",
@@ -134,6 +150,8 @@ class Settings:
     gate: bool = False
     ca_client: str = "caproto"
     ioc_scope: str = "module"
+    engine: str = "auto"
+    spare_iocs: int = 1
     docker_cli: str | None = None
     log_dir: Path | None = None
     build_timeout: float = 1800.0
@@ -173,7 +191,9 @@ def add_options(parser: pytest.Parser) -> None:
 def _metavar(option: Option) -> str:
     if option.choices:
         return "{" + ",".join(option.choices) + "}"
-    return "SECONDS" if option.kind == "float" else option.name.upper()
+    if option.kind == "float":
+        return "SECONDS"
+    return "N" if option.kind == "count" else option.name.upper()
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -223,6 +243,14 @@ def _parse(option: Option, value: Any, source: str, base_dir: Path | None) -> An
         if number <= 0:
             raise bad("a positive number of seconds")
         return number
+    if option.kind == "count":
+        try:
+            count = int(str(value).strip())
+        except ValueError:
+            raise bad("a whole number (0 or more)") from None
+        if count < 0:
+            raise bad("a whole number (0 or more)")
+        return count
     return str(value)
 
 
