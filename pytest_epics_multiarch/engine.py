@@ -15,10 +15,11 @@ import shutil
 import socket
 import subprocess
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 # Ryuk (testcontainers' reaper) is pulled from Docker Hub, which these machines can't reach, and
 # the plugin cleans up itself: disable it before testcontainers is imported anywhere.
@@ -27,7 +28,8 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 import docker
 import docker.errors
 
-from .errors import EngineError, EngineUnavailable
+from .errors import EngineError
+from .flavors import DOCKER_SOCKET, Flavor, PodmanService, connect, find_podman_build
 
 log = logging.getLogger("pytest_epics_multiarch.engine")
 
@@ -101,25 +103,40 @@ def owner_is_alive(labels: dict[str, str], host: str) -> bool:
 
 
 class Engine:
-    """A connected Docker engine (the SDK client plus what the plugin asks of it)."""
+    """A connected container engine: the SDK client plus what the plugin asks of it.
 
-    def __init__(self, client: docker.DockerClient) -> None:
+    Docker or Podman: both serve the Docker-compatible API; :mod:`.flavors` holds the differences.
+    """
+
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        url: str = "",
+        flavor: Flavor | None = None,
+        service: PodmanService | None = None,
+    ) -> None:
         self.client = client
+        self.url = url or os.environ.get("DOCKER_HOST", DOCKER_SOCKET)
+        self.flavor = flavor or Flavor("docker", rootless=False)
+        #: A Podman service the plugin started for this session (stopped by close()).
+        self.service = service
 
     @classmethod
-    def connect(cls, timeout: float = 10.0) -> Engine:
-        try:
-            client = docker.from_env(timeout=int(timeout))
-            client.ping()
-        except Exception as exc:  # the SDK raises several unrelated types here
-            host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-            raise EngineUnavailable(
-                "no Docker engine answers",
-                seen=f"{host}: {exc}",
-                hint="start dockerd (Debian: apt-get install docker.io && dockerd &), "
-                "or point DOCKER_HOST at a running engine",
-            ) from exc
-        return cls(client)
+    def connect(cls, timeout: float = 10.0, choice: str = "auto") -> Engine:
+        """The engine ``choice`` names (docker, podman or auto); see :func:`.flavors.connect`."""
+        connection = connect(choice, timeout)
+        return cls(connection.client, connection.url, connection.flavor, connection.service)
+
+    @property
+    def kind(self) -> str:
+        return self.flavor.kind
+
+    def close(self) -> None:
+        """Close the client; stop the Podman service if this session started it."""
+        self.client.close()
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
 
     @cached_property
     def version(self) -> str:
@@ -130,8 +147,9 @@ class Engine:
             return "?"
 
     def describe(self) -> str:
-        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        return f"docker {self.version} at {where}"
+        rootless = " (rootless)" if self.flavor.rootless else ""
+        started = ", started for this session" if self.service is not None else ""
+        return f"{self.kind} {self.version}{rootless} at {self.url}{started}"
 
     def image_id(self, ref: str) -> str | None:
         """The local image id of ``ref``, or None when the engine has no such image."""
@@ -166,6 +184,27 @@ class Engine:
         return removed
 
 
+class Builder(Protocol):
+    """A command line that builds images into the engine (BuildKit's docker CLI, podman build)."""
+
+    def argv(self) -> list[str]: ...
+
+    def env(self) -> dict[str, str]: ...
+
+    def describe(self) -> str: ...
+
+    def relabel(self, image_id: str, ref: str, labels: Mapping[str, str], timeout: float) -> bool:
+        """Label ``image_id`` as ``ref`` when the build left its labels out; False if it can't."""
+        ...
+
+
+def find_builder(engine: Engine, docker_cli: str | None = None) -> Builder:
+    """How to build for ``engine``: ``podman build`` for Podman, a BuildKit docker CLI for Docker."""
+    if engine.kind == "podman":
+        return find_podman_build(engine.url, engine.flavor)
+    return find_build_cli(docker_cli)
+
+
 @dataclass(frozen=True)
 class BuildCli:
     """A docker CLI that builds with BuildKit: ``buildx build --load``, or 20.10's built-in."""
@@ -175,7 +214,8 @@ class BuildCli:
     version: str
 
     def argv(self) -> list[str]:
-        return [self.executable, "buildx", "build", "--load"] if self.buildx else [self.executable, "build"]
+        build = [self.executable, "buildx", "build", "--load"] if self.buildx else [self.executable, "build"]
+        return [*build, "--progress=plain"]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -187,6 +227,9 @@ class BuildCli:
     def describe(self) -> str:
         how = "buildx" if self.buildx else "DOCKER_BUILDKIT=1"
         return f"{self.executable} {self.version} ({how})"
+
+    def relabel(self, image_id: str, ref: str, labels: Mapping[str, str], timeout: float) -> bool:
+        return False  # BuildKit applies --label to the final image, cached or not
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import docker.errors
 
 from .config import ImageSpec, ProjectConfig
-from .engine import LABEL_INPUTS, BuildCli, Engine
+from .engine import LABEL_INPUTS, Builder, Engine
 from .errors import ConfigError, EngineUnavailable, ImageError, PrerequisiteMissing, tail_lines
 from .oci import RegistryClient, Resolved
 from .targets import Target
@@ -153,7 +153,7 @@ class ImageResolver:
     def __init__(
         self,
         engine_factory: Callable[[], Engine],
-        build_cli_factory: Callable[[], BuildCli],
+        build_cli_factory: Callable[[], Builder],
         *,
         policy: str,
         push: bool,
@@ -345,6 +345,9 @@ class ImageResolver:
                     total += seconds
                     how = "built"
                     image_id = engine.image_id(variant.ref)
+                    if image_id and _label(engine, variant.ref, LABEL_INPUTS) != inputs:
+                        self._relabel(variant, image_id, inputs)
+                        image_id = engine.image_id(variant.ref)
                     if self.push:
                         self._push(engine, variant)
                     already_built.touch()
@@ -371,7 +374,6 @@ class ImageResolver:
         target = variant.target
         argv = [
             *cli.argv(),
-            "--progress=plain",
             "--platform",
             target.platform,
             "--target",
@@ -421,6 +423,16 @@ class ImageResolver:
             )
         self.progress(f"{target.name}: built {variant.ref} in {seconds:.1f} s")
         return seconds, log_path
+
+    def _relabel(self, variant: ImageVariant, image_id: str, inputs: str) -> None:
+        """Put the inputs label on a build that came out without it (see Builder.relabel)."""
+        cli = self._build_cli_factory()
+        if not cli.relabel(image_id, variant.ref, {LABEL_INPUTS: inputs}, self.build_timeout):
+            log.warning(
+                "%s: %s has no inputs label after its build; the next run will build it again",
+                variant.target.name,
+                variant.ref,
+            )
 
     def _push(self, engine: Engine, variant: ImageVariant) -> None:
         repo, tag = split_ref(variant.ref)

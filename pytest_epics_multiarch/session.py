@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigCache, IocSpec, ProjectConfig
-from .engine import BuildCli, Engine, Owner, find_build_cli
+from .engine import Builder, Engine, Owner, find_builder
 from .errors import ConfigError, EngineUnavailable, ImageError, IocStartError
 from .images import ImageResolver, ImageResult
 from .ioc import Ioc, IocPool
@@ -34,7 +34,7 @@ class EpicsSession:
         work_dir: Path | None = None,
         progress: Callable[[str], None],
         owner: Owner | None = None,
-        engine_factory: Callable[[], Engine] = Engine.connect,
+        engine_factory: Callable[[], Engine] | None = None,
     ) -> None:
         self.settings = settings
         #: Build logs, IOC consoles, boot payloads. Ours to remove only when we made it.
@@ -45,9 +45,9 @@ class EpicsSession:
         self.progress = progress
         self.owner = owner or Owner.current()
         self.configs = ConfigCache(settings.config)
-        self._engine_factory = engine_factory
+        self._engine_factory = engine_factory or (lambda: Engine.connect(choice=settings.engine))
         self._engine: Engine | EngineUnavailable | None = None
-        self._build_cli: BuildCli | None = None
+        self._build_cli: Builder | None = None
         self.swept: list[str] = []
         self._payloads: dict[tuple[str, bool], Payload] = {}
         self._shared: dict[tuple[str, str, str, str], Ioc] = {}
@@ -99,9 +99,9 @@ class EpicsSession:
     def engine_if_connected(self) -> Engine | None:
         return self._engine if isinstance(self._engine, Engine) else None
 
-    def build_cli(self) -> BuildCli:
+    def build_cli(self) -> Builder:
         if self._build_cli is None:
-            self._build_cli = find_build_cli(self.settings.docker_cli)
+            self._build_cli = find_builder(self.engine(), self.settings.docker_cli)
             log.info("building with %s", self._build_cli.describe())
         return self._build_cli
 
@@ -278,6 +278,11 @@ class EpicsSession:
         """
         self.images.close()
         hints = self.iocs.stop_all()
+        engine = self.engine_if_connected()
+        if engine is not None:
+            engine.close()
+            # Not None: a late call must not connect again (or start another Podman service).
+            self._engine = EngineUnavailable("the session has ended and closed its engine")
         if self._owns_work_dir and self.work_dir is not None and not keep_logs and not hints:
             shutil.rmtree(self.work_dir, ignore_errors=True)
             self.work_dir = None

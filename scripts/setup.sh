@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up what pytest-epics-multiarch's tests and demo need on a Debian 12 machine, as root.
 #
-#   bash scripts/setup.sh engine|registry|base-image|wheelhouse|qemu|ppc-guest|all
+#   bash scripts/setup.sh engine|registry|base-image|podman|wheelhouse|qemu|ppc-guest|all
 #
 # Every step checks before it acts, so a second run takes seconds. Progress goes to stderr,
 # one line a step. Nothing here touches images, containers or processes the project did not
@@ -211,20 +211,8 @@ debian_mirror() {
     echo "${mirror:-http://deb.debian.org/debian}"
 }
 
-step_base_image() {
-    local cli made_by
-    cli="$(docker_cli)"
-    [ -n "$cli" ] || die "base-image: no docker CLI; run '$0 engine' first"
-    if "$cli" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
-        # `with`: an image without labels has none to index.
-        made_by="$("$cli" image inspect -f "{{with .Config.Labels}}{{index . \"$BASE_LABEL\"}}{{end}}" "$BASE_IMAGE")"
-        if [ "$made_by" = setup ]; then
-            log "base-image: $BASE_IMAGE present"
-            return
-        fi
-        die "base-image: an image named $BASE_IMAGE exists but was not made by this set-up \
-(no label $BASE_LABEL=setup); it is left alone. Remove or rename it yourself, then rerun."
-    fi
+base_tarball() {
+    # Prints the path of the base image's rootfs tarball, making it with mmdebstrap when absent.
     # The tarball's name carries what it was made from, so a changed package list makes a new one.
     local mirror key tarball
     mirror="$(debian_mirror)"
@@ -246,14 +234,58 @@ step_base_image() {
         fi
         mv -f "$tmp" "$tarball"
     fi
-    log "base-image: docker import $tarball as $BASE_IMAGE"
+    echo "$tarball"
+}
+
+import_base_image() { # CLI (docker or podman): import the rootfs as $BASE_IMAGE, labelled as ours
+    local cli="$1" tarball
+    tarball="$(base_tarball)"
+    log "base-image: $(basename "$cli") import $tarball as $BASE_IMAGE"
     "$cli" import \
         --change "LABEL $BASE_LABEL=setup" \
         --change "ENV LANG=C.UTF-8" \
         --change 'CMD ["/bin/bash"]' \
         --message "pytest-epics-multiarch base image: mmdebstrap --variant=apt $BASE_SUITE" \
         "$tarball" "$BASE_IMAGE" >/dev/null
-    log "base-image: $BASE_IMAGE made"
+    log "base-image: $BASE_IMAGE made ($(basename "$cli"))"
+}
+
+step_base_image() {
+    local cli made_by
+    cli="$(docker_cli)"
+    [ -n "$cli" ] || die "base-image: no docker CLI; run '$0 engine' first"
+    if "$cli" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+        # `with`: an image without labels has none to index.
+        made_by="$("$cli" image inspect -f "{{with .Config.Labels}}{{index . \"$BASE_LABEL\"}}{{end}}" "$BASE_IMAGE")"
+        if [ "$made_by" = setup ]; then
+            log "base-image: $BASE_IMAGE present"
+            return
+        fi
+        die "base-image: an image named $BASE_IMAGE exists but was not made by this set-up \
+(no label $BASE_LABEL=setup); it is left alone. Remove or rename it yourself, then rerun."
+    fi
+    import_base_image "$cli"
+}
+
+# --- podman --------------------------------------------------------------------------------
+
+step_podman() {
+    # Debian's podman for --epics-engine=podman: its CLI builds, its API socket (a service the
+    # plugin starts for the session) runs the IOCs. catatonit is what podman runs for --init.
+    # Podman keeps its own image store, so the base image is imported there as well.
+    local made_by
+    { command -v podman && [ -x /usr/libexec/podman/catatonit ]; } >/dev/null 2>&1 ||
+        apt_install podman catatonit
+    if podman image exists "$BASE_IMAGE"; then
+        made_by="$(podman image inspect --format "{{index .Labels \"$BASE_LABEL\"}}" "$BASE_IMAGE")"
+        if [ "$made_by" = setup ]; then
+            log "podman: $(podman --version), $BASE_IMAGE present"
+            return
+        fi
+        die "podman: an image named $BASE_IMAGE exists in podman but was not made by this set-up \
+(no label $BASE_LABEL=setup); it is left alone. Remove or rename it yourself, then rerun."
+    fi
+    import_base_image "$(command -v podman)"
 }
 
 # --- wheelhouse ----------------------------------------------------------------------------
@@ -360,6 +392,7 @@ preinstall_for_all() {
     command -v curl >/dev/null 2>&1 || pkgs+=(curl)
     command -v mmdebstrap >/dev/null 2>&1 || compgen -G "$STATE/base/debian-*.tar" >/dev/null ||
         pkgs+=(mmdebstrap)
+    { command -v podman && [ -x /usr/libexec/podman/catatonit ]; } >/dev/null 2>&1 || pkgs+=(podman catatonit)
     { command -v qemu-system-ppc64 && command -v qemu-system-ppc; } >/dev/null 2>&1 ||
         pkgs+=(qemu-system-ppc qemu-system-data)
     python3 -m pip --version >/dev/null 2>&1 || pkgs+=(python3-pip)
@@ -369,14 +402,14 @@ preinstall_for_all() {
 }
 
 usage() {
-    echo "usage: $0 engine|registry|base-image|wheelhouse|qemu|ppc-guest|all" >&2
+    echo "usage: $0 engine|registry|base-image|podman|wheelhouse|qemu|ppc-guest|all" >&2
     exit 2
 }
 
 main() {
     [ "$#" -eq 1 ] || usage
     case "$1" in
-        engine | registry | base-image | wheelhouse | qemu | ppc-guest | all) ;;
+        engine | registry | base-image | podman | wheelhouse | qemu | ppc-guest | all) ;;
         *) usage ;;
     esac
     mkdir -p "$STATE"
@@ -387,6 +420,7 @@ main() {
         engine) step_engine ;;
         registry) step_registry ;;
         base-image) step_base_image ;;
+        podman) step_podman ;;
         wheelhouse) step_wheelhouse ;;
         qemu) step_qemu ;;
         ppc-guest) step_ppc_guest ;;
@@ -395,6 +429,7 @@ main() {
             step_engine
             step_registry
             step_base_image
+            step_podman
             step_wheelhouse
             step_qemu
             step_ppc_guest

@@ -1,6 +1,6 @@
 """The project's own suite: real engine and real QEMU, or a failure under CI.
 
-Tests marked ``docker`` need a Docker engine and tests marked ``qemu`` need qemu-system. On a
+Tests marked ``docker`` need a Docker engine, ``podman`` Podman, and ``qemu`` qemu-system. On a
 developer's machine without them they skip with the reason; under ``CI=true`` they fail, so a
 green CI run always means the integration tests ran.
 """
@@ -16,16 +16,27 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-@functools.lru_cache(maxsize=1)
-def engine_problem() -> str | None:
+@functools.cache
+def engine_problem(kind: str = "docker") -> str | None:
     from pytest_epics_multiarch.engine import Engine
-    from pytest_epics_multiarch.errors import EngineUnavailable
+    from pytest_epics_multiarch.errors import EngineError
 
     try:
-        Engine.connect().client.close()
-    except EngineUnavailable as exc:
+        engine = Engine.connect(choice=kind)
+    except EngineError as exc:
         return str(exc)
+    try:
+        if engine.kind != kind:
+            return f"the engine at {engine.url} is {engine.kind}, not {kind}"
+    finally:
+        engine.close()
     return None
+
+
+def podman_problem() -> str | None:
+    if shutil.which("podman") is None:
+        return "no podman command (make setup installs Debian's podman)"
+    return engine_problem("podman")
 
 
 def qemu_problem() -> str | None:
@@ -36,7 +47,7 @@ def qemu_problem() -> str | None:
 
 @pytest.fixture(autouse=True)
 def _require_marked_prerequisites(request: pytest.FixtureRequest) -> None:
-    checks = {"docker": engine_problem, "qemu": qemu_problem}
+    checks = {"docker": engine_problem, "podman": podman_problem, "qemu": qemu_problem}
     for marker, check in checks.items():
         if request.node.get_closest_marker(marker) is None:
             continue

@@ -10,6 +10,7 @@ connect to (see ENVIRONMENT notes in the README).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -92,7 +93,8 @@ class ContainerIoc(ConsoleRunner):
                     hint=f"{attempt + 1} free ports in a row were taken before the container could "
                     "publish them: something on this machine is grabbing ports quickly (see ss -ltnup)"
                     if port_taken
-                    else "check the image's command and the ioc: section of epics-multiarch.yaml",
+                    else self.engine.flavor.start_error_hint(str(exc))
+                    or "check the image's command and the ioc: section of epics-multiarch.yaml",
                 ) from exc
         self._attach_console()
         self._wait_ready(started)
@@ -114,8 +116,17 @@ class ContainerIoc(ConsoleRunner):
         }
         if self.workdir:
             kwargs["working_dir"] = self.workdir
+        kwargs.update(self.engine.flavor.container_options())  # e.g. rootful Podman's ulimits
+        # testcontainers makes its own client from the environment: point it at our engine.
+        client_kw = {"environment": {**os.environ, "DOCKER_HOST": self.engine.url}}
         # testcontainers passes the command straight to the SDK, which takes a list as well.
-        tc = DockerContainer(self.image, command=self.command, env=environment, **kwargs)  # type: ignore[arg-type]
+        tc = DockerContainer(
+            self.image,
+            docker_client_kw=client_kw,
+            command=self.command,  # type: ignore[arg-type]
+            env=environment,
+            **kwargs,
+        )
         # with_bind_ports can't name a host IP; the ports mapping can: loopback only.
         tc.ports[f"{port}/tcp"] = ("127.0.0.1", port)  # type: ignore[assignment]
         tc.ports[f"{port}/udp"] = ("127.0.0.1", port)  # type: ignore[assignment]
@@ -205,5 +216,6 @@ class ContainerIoc(ConsoleRunner):
         return (
             f"{self.target}: {container.name} serves CA on {host}:{port} "
             f"(EPICS_CA_ADDR_LIST={host}:{port} EPICS_CA_AUTO_ADDR_LIST=NO caget ...); "
-            f"shell: docker attach {container.name}; remove: docker rm -f {container.name}"
+            f"shell: {self.engine.kind} attach {container.name}; "
+            f"remove: {self.engine.kind} rm -f {container.name}"
         )

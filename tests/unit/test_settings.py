@@ -73,6 +73,9 @@ def test_arch_is_repeatable_and_comma_separated() -> None:
         ({"env": {"EPICS_MULTIARCH_GATE": "maybe"}}, "environment EPICS_MULTIARCH_GATE"),
         ({"ini": {"epics_ca_client": "libca"}}, "ini epics_ca_client"),
         ({"cfg": {"build_timeout": -3}}, "cfg.yaml: options.build_timeout"),
+        ({"cli": {"epics_engine": "containerd"}}, "--epics-engine"),
+        ({"env": {"EPICS_MULTIARCH_SPARE_IOCS": "-1"}}, "environment EPICS_MULTIARCH_SPARE_IOCS"),
+        ({"cfg": {"spare_iocs": "two"}}, "cfg.yaml: options.spare_iocs"),
     ],
 )
 def test_bad_values_name_their_source(kwargs: dict[str, dict[str, object]], where: str) -> None:
@@ -84,6 +87,13 @@ def test_bad_values_name_their_source(kwargs: dict[str, dict[str, object]], wher
 def test_unknown_config_option_is_rejected() -> None:
     with pytest.raises(ConfigError, match="unknown key options.imagepolicy"):
         _resolve(cfg={"imagepolicy": "pull"})
+
+
+def test_engine_and_spare_iocs() -> None:
+    assert (_resolve().engine, _resolve().spare_iocs) == ("auto", 1)
+    settings = _resolve(env={"EPICS_MULTIARCH_ENGINE": "Podman"}, cfg={"spare_iocs": 0})
+    assert (settings.engine, settings.spare_iocs) == ("podman", 0)
+    assert _resolve(cli={"epics_spare_iocs": "3"}, cfg={"spare_iocs": 0}).spare_iocs == 3
 
 
 def test_bool_env_values() -> None:

@@ -1,0 +1,218 @@
+"""Podman as the engine, for real: Debian's podman builds the sample and runs its IOC.
+
+The same sample tests run on both engines; the header says which engine answered. What is
+specific to Podman is checked on the container itself (rootful ulimits, catatonit as init,
+ports on loopback), and a session leaves no container, no service process and no socket folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_epics_multiarch import flavors
+from pytest_epics_multiarch.engine import LABEL_OWNER_PID, LABEL_SESSION, Engine, Owner
+from pytest_epics_multiarch.session import EpicsSession
+from pytest_epics_multiarch.settings import Settings
+
+from .conftest import SAMPLE
+
+pytestmark = [pytest.mark.podman, pytest.mark.slow, pytest.mark.usefixtures("subprocess_env")]
+
+
+def podman_containers(session: str | None = None) -> list[dict[str, object]]:
+    """The plugin's containers in podman's store (all sessions, or one), read with the CLI."""
+    label = f"{LABEL_SESSION}={session}" if session else LABEL_SESSION
+    out = subprocess.run(
+        ["podman", "ps", "-a", "--filter", f"label={label}", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return list(json.loads(out or "[]"))
+
+
+def service_processes() -> list[str]:
+    """Command lines of running podman services on one of the plugin's socket folders."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = " ".join(part.decode(errors="replace") for part in argv)
+        if "system service" in text and flavors.SERVICE_FOLDER_PREFIX in text:
+            found.append(text)
+    return found
+
+
+def service_folders() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob(flavors.SERVICE_FOLDER_PREFIX + "*"))
+
+
+@pytest.fixture
+def nothing_left_in_podman() -> Iterator[None]:
+    before_containers = {str(c["Id"]) for c in podman_containers()}
+    before_services = set(service_processes())
+    yield
+    left = [c for c in podman_containers() if str(c["Id"]) not in before_containers]
+    assert not left, f"podman containers left behind: {[c['Names'] for c in left]}"
+    assert set(service_processes()) <= before_services, "a podman service of the plugin still runs"
+
+
+@pytest.mark.parametrize("engine", ["podman", "docker"])
+def test_the_sample_passes_on_both_engines(
+    pytester: pytest.Pytester, tmp_path: Path, engine: str, nothing_left_in_podman: None
+) -> None:
+    report = tmp_path / "report.json"
+    folders = service_folders()
+    result = pytester.runpytest_subprocess(
+        str(SAMPLE),
+        "--arch=linux/amd64",
+        f"--epics-engine={engine}",
+        "-v",
+        "-p",
+        "no:cacheprovider",
+        f"--epics-report={report}",
+    )
+    assert result.ret == 0, result.stdout.str()
+    # The header names the engine that answered, not just the one asked for.
+    result.stdout.fnmatch_lines([f"epics-multiarch: engine {engine} *", "linux/amd64*passed*"])
+    if engine == "podman":
+        result.stdout.fnmatch_lines(["epics-multiarch: engine podman 4.* started for this session"])
+    linux = json.loads(report.read_text())["targets"]["linux/amd64"]
+    assert linux["status"] == "passed" and linux["passed"] >= 20 and linux["failed"] == 0
+    assert service_folders() <= folders, "the session's podman socket folder was left behind"
+
+
+@pytest.fixture
+def podman_session(tmp_path: Path) -> Iterator[EpicsSession]:
+    settings = Settings(engine="podman", log_dir=tmp_path / "logs", spare_iocs=0)
+    session = EpicsSession(settings, progress=lambda message: None, owner=Owner.current())
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def test_podman_containers_are_confined_like_docker_ones(
+    nothing_left_in_podman: None, podman_session: EpicsSession
+) -> None:
+    """Rootful podman here needs explicit ulimits; --init runs catatonit; ports stay on loopback."""
+    config = podman_session.config_for(SAMPLE / "tests")
+    target = config.target("linux/amd64")
+    image = podman_session.image(config, target)
+    ioc = podman_session.start_ioc(config, target, image)
+    engine = podman_session.engine()
+    assert engine.kind == "podman" and engine.service is not None
+    labels = {LABEL_SESSION: podman_session.owner.session}
+    [container] = engine.client.containers.list(filters={"label": f"{LABEL_SESSION}={labels[LABEL_SESSION]}"})
+    host = container.attrs["HostConfig"]
+    assert host["Init"] is True and not host.get("Privileged")
+    assert host["NetworkMode"] in ("bridge", "default")
+    bindings = [b for port in host["PortBindings"].values() for b in port]
+    assert bindings and all(b["HostIp"] == "127.0.0.1" for b in bindings)
+    limits = {u["Name"].removeprefix("RLIMIT_").lower(): u["Soft"] for u in host.get("Ulimits") or []}
+    assert limits.get("nofile") == 1024 and limits.get("nproc") == 1000, host.get("Ulimits")
+    # PID 1 is podman's init (catatonit); the IOC runs under it and answers CA and iocsh.
+    # (podman 4.3's compat /top answers with an empty body: ask its CLI.)
+    top = subprocess.run(
+        ["podman", "top", container.id, "pid", "args"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.splitlines()
+    pid_one = [line for line in top if line.split()[:1] == ["1"]]
+    assert pid_one and "podman-init" in pid_one[0], top
+    assert any("softIoc" in line for line in top), top
+    assert ioc.ca.get("SAMPLE:SETPOINT") is not None
+    assert "SAMPLE:SETPOINT" in ioc.iocsh("dbl")  # the shell answers through podman's attach
+    podman_session.iocs.release(ioc)
+
+
+def test_auto_falls_back_to_podman_when_docker_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    monkeypatch.delenv("CONTAINER_HOST", raising=False)
+    monkeypatch.setattr(flavors, "DOCKER_SOCKET", f"unix://{tmp_path}/no-docker.sock")
+    engine = Engine.connect(choice="auto")
+    try:
+        assert engine.kind == "podman"
+        assert engine.service is not None and "started for this session" in engine.describe()
+        folder = engine.service.folder
+    finally:
+        engine.close()
+    assert not folder.exists()
+
+
+def test_a_killed_session_leaves_no_service_and_the_next_one_sweeps_the_rest(
+    tmp_path: Path, nothing_left_in_podman: None
+) -> None:
+    """SIGKILL gives pytest no chance to clean up: the kernel stops the service (PDEATHSIG),
+    and the next session removes the dead session's socket folder and container."""
+    (tmp_path / "test_hang.py").write_text(
+        "import time\ndef test_hangs(ioc):\n    print('IOC-UP', flush=True)\n    time.sleep(600)\n"
+    )
+    (tmp_path / "epics-multiarch.yaml").write_text(
+        (SAMPLE / "epics-multiarch.yaml").read_text().replace("context: .", f"context: {SAMPLE}")
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(tmp_path),
+            "-s",
+            "-p",
+            "no:cacheprovider",
+            "--epics-engine=podman",
+            "--epics-spare-iocs=0",
+            "--arch=linux/amd64",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 300
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "IOC-UP" in line or time.monotonic() > deadline:
+                break
+        assert any("IOC-UP" in line for line in seen), "".join(seen)
+        mine = [
+            f for f in service_folders() if f.name.startswith(f"{flavors.SERVICE_FOLDER_PREFIX}{proc.pid}-")
+        ]
+        assert len(mine) == 1
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 20
+    while any(str(mine[0]) in cmd for cmd in service_processes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(str(mine[0]) in cmd for cmd in service_processes()), "the service outlived pytest"
+    leftovers = [
+        c for c in podman_containers() if (c.get("Labels") or {}).get(LABEL_OWNER_PID) == str(proc.pid)
+    ]
+    assert mine[0].exists() and leftovers, "expected the killed session's leftovers"
+    # The next session sweeps the container (its owner is dead) and the socket folder.
+    engine = Engine.connect(choice="podman")
+    try:
+        swept = engine.sweep_leftovers(Owner.current().host)
+    finally:
+        engine.close()
+    assert {str(c["Names"][0]) for c in leftovers} <= set(swept) and not mine[0].exists()
