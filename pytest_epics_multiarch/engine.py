@@ -158,7 +158,9 @@ class Engine:
         except docker.errors.ImageNotFound:
             return None
         except docker.errors.APIError as exc:
-            if "invalid reference" in str(exc).lower():
+            # Not a valid image name at all: Docker says "invalid reference format", Podman
+            # (a 500) "normalizing name ...: repository name must be lowercase".
+            if any(text in str(exc).lower() for text in ("invalid reference", "normalizing name")):
                 return None
             raise
 

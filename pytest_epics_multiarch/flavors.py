@@ -93,9 +93,17 @@ class Flavor:
         return {}
 
     def build_flags(self) -> list[str]:
-        if self.kind == "podman" and not self.rootless:
-            return [f"--ulimit={name}={soft}:{hard}" for name, soft, hard in ROOTFUL_PODMAN_ULIMITS]
-        return []
+        if self.kind != "podman":
+            return []
+        # No layer cache: buildah reuses a cached `ENV X=${ARG}` step built with another value
+        # of the ARG (buildah issues #5095, #5501), so after a linux build the next target's
+        # build ran with TARGET_ARCHITECTURE=linux (seen with the sample and podman 4.3). That
+        # is exactly the epics-containers shape. The plugin's inputs label still skips
+        # unchanged variants under --epics-image-policy=auto.
+        flags = ["--layers=false"]
+        if not self.rootless:
+            flags += [f"--ulimit={name}={soft}:{hard}" for name, soft, hard in ROOTFUL_PODMAN_ULIMITS]
+        return flags
 
     def start_error_hint(self, message: str) -> str | None:
         """A hint for an engine-specific reason a container did not start, if we know one."""

@@ -24,7 +24,7 @@ from pytest_epics_multiarch.engine import LABEL_OWNER_PID, LABEL_SESSION, Engine
 from pytest_epics_multiarch.session import EpicsSession
 from pytest_epics_multiarch.settings import Settings
 
-from .conftest import SAMPLE
+from .conftest import BASE_IMAGE, SAMPLE
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow, pytest.mark.usefixtures("subprocess_env")]
 
@@ -216,3 +216,87 @@ def test_a_killed_session_leaves_no_service_and_the_next_one_sweeps_the_rest(
     finally:
         engine.close()
     assert {str(c["Names"][0]) for c in leftovers} <= set(swept) and not mine[0].exists()
+
+
+# The sample's shape, cut down: a stage that sets ENV from build args, and a stage built on it.
+ENV_FROM_ARGS = """\
+ARG BASE_IMAGE
+FROM ${BASE_IMAGE} AS environment
+ARG TARGET_ARCHITECTURE
+ARG EPICS_TARGET_ARCH
+ENV TARGET_ARCHITECTURE=${TARGET_ARCHITECTURE} EPICS_TARGET_ARCH=${EPICS_TARGET_ARCH}
+WORKDIR /epics
+
+FROM environment AS runtime
+RUN echo "$EPICS_TARGET_ARCH" > /epics/target
+"""
+
+
+def podman_env(ref: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["podman", "image", "inspect", "--format", "{{json .Config.Env}}", ref],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return dict(item.split("=", 1) for item in json.loads(out))
+
+
+def test_each_target_gets_its_own_environment_despite_buildahs_cache(
+    tmp_path: Path, nothing_left_in_podman: None
+) -> None:
+    """The epics-containers shape (ENV from build args, one Dockerfile) built for two targets.
+
+    Podman 4.3's own layer cache hands the second target the first one's ENV step (buildah
+    #5095): shown here with a plain `podman build`. The plugin's builds come out right.
+    """
+    tag = f"t{os.getpid()}"
+    (tmp_path / "Dockerfile").write_text(ENV_FROM_ARGS)
+    (tmp_path / "epics-multiarch.yaml").write_text(
+        "schema: 1\n"
+        f"image: {{name: pem-envtest, registry: '', tag: {tag}}}\n"
+        "build: {context: ., dockerfile: Dockerfile, stages: [runtime], "
+        f"args: {{BASE_IMAGE: '{BASE_IMAGE}'}}}}\n"
+    )
+    refs: list[str] = []
+    try:
+        # The problem: plain podman builds, one per target, with its default layer cache.
+        for arch in ("linux-x86_64", "RTEMS-beatnik"):
+            ref = f"pem-envtest-plain-{arch.lower()}:{tag}"
+            refs.append(ref)
+            subprocess.run(
+                [
+                    "podman",
+                    "build",
+                    *[f"--ulimit={n}={s}:{h}" for n, s, h in flavors.ROOTFUL_PODMAN_ULIMITS],
+                    "--build-arg",
+                    f"BASE_IMAGE={BASE_IMAGE}",
+                    "--build-arg",
+                    f"EPICS_TARGET_ARCH={arch}",
+                    "--tag",
+                    ref,
+                    str(tmp_path),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=True,
+            )
+        assert podman_env(refs[1])["EPICS_TARGET_ARCH"] == "linux-x86_64", "buildah's cache bug is gone?"
+        # The plugin: the same Dockerfile for linux/amd64 and an RTEMS target, one after another.
+        session = EpicsSession(
+            Settings(engine="podman", image_policy="build", log_dir=tmp_path / "logs"),
+            progress=lambda message: None,
+        )
+        try:
+            config = session.config_for(tmp_path)
+            for name, arch in (("linux/amd64", "linux-x86_64"), ("rtems/powerpc/beatnik", "RTEMS-beatnik")):
+                image = session.image(config, config.target(name))
+                refs.append(image.ref)
+                env = podman_env(image.ref)
+                assert (env["EPICS_TARGET_ARCH"], env["TARGET_ARCHITECTURE"]) == (arch, name.split("/")[0])
+        finally:
+            session.close()
+    finally:
+        subprocess.run(["podman", "rmi", "--force", *refs], capture_output=True, timeout=120, check=False)

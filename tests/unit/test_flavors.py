@@ -32,11 +32,13 @@ def test_only_rootful_podman_gets_explicit_ulimits() -> None:
     assert (nofile.name, nofile.soft, nofile.hard) == ("nofile", 1024, 1024)
     assert (nproc.name, nproc.soft, nproc.hard) == ("nproc", 1000, 1000)
     assert Flavor("podman", rootless=False).build_flags() == [
+        "--layers=false",
         "--ulimit=nofile=1024:1024",
         "--ulimit=nproc=1000:1000",
     ]
     assert Flavor("podman", rootless=True).container_options() == {}
-    assert Flavor("podman", rootless=True).build_flags() == []
+    assert Flavor("podman", rootless=True).build_flags() == ["--layers=false"]
+    assert Flavor("docker", rootless=False).build_flags() == []
     assert Flavor("docker", rootless=False).container_options() == {}
 
 
