@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -195,10 +194,6 @@ class Builder(Protocol):
 
     def describe(self) -> str: ...
 
-    def relabel(self, image_id: str, ref: str, labels: Mapping[str, str], timeout: float) -> bool:
-        """Label ``image_id`` as ``ref`` when the build left its labels out; False if it can't."""
-        ...
-
 
 def find_builder(engine: Engine, docker_cli: str | None = None) -> Builder:
     """How to build for ``engine``: ``podman build`` for Podman, a BuildKit docker CLI for Docker."""
@@ -229,9 +224,6 @@ class BuildCli:
     def describe(self) -> str:
         how = "buildx" if self.buildx else "DOCKER_BUILDKIT=1"
         return f"{self.executable} {self.version} ({how})"
-
-    def relabel(self, image_id: str, ref: str, labels: Mapping[str, str], timeout: float) -> bool:
-        return False  # BuildKit applies --label to the final image, cached or not
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | None:

@@ -19,7 +19,6 @@ Docker-compatible API that both serve, through the docker SDK.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import shutil
@@ -27,7 +26,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,29 +130,6 @@ class PodmanBuild:
 
     def describe(self) -> str:
         return f"{self.executable} {self.version} build (remote, {self.url})"
-
-    def relabel(self, image_id: str, ref: str, labels: Mapping[str, str], timeout: float) -> bool:
-        """Give ``image_id`` these labels as ``ref``, by a build of FROM + LABEL (no new layer).
-
-        Buildah 1.28 leaves ``--label`` out when the target stage comes whole from its layer
-        cache (buildah issues #2041, #4950; podman #10340), so a rebuilt variant could keep
-        another build's inputs label. Docker's BuildKit applies it always.
-        """
-        lines = [f"FROM {image_id}"] + [f"LABEL {json.dumps(k)}={json.dumps(v)}" for k, v in labels.items()]
-        with tempfile.TemporaryDirectory(prefix="pytest-epics-multiarch-label-") as folder:
-            containerfile = Path(folder) / "Containerfile"
-            containerfile.write_text("\n".join(lines) + "\n")
-            argv = [*self.argv(), "--tag", ref, "--file", str(containerfile), folder]
-            try:
-                proc = subprocess.run(
-                    argv, capture_output=True, text=True, timeout=timeout, env=self.env(), check=False
-                )
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                log.warning("could not label %s: %s", ref, exc)
-                return False
-        if proc.returncode != 0:
-            log.warning("could not label %s: %s", ref, proc.stderr.strip()[-500:])
-        return proc.returncode == 0
 
 
 def find_podman_build(url: str, flavor: Flavor) -> PodmanBuild:

@@ -345,9 +345,6 @@ class ImageResolver:
                     total += seconds
                     how = "built"
                     image_id = engine.image_id(variant.ref)
-                    if image_id and _label(engine, variant.ref, LABEL_INPUTS) != inputs:
-                        self._relabel(variant, image_id, inputs)
-                        image_id = engine.image_id(variant.ref)
                     if self.push:
                         self._push(engine, variant)
                     already_built.touch()
@@ -423,16 +420,6 @@ class ImageResolver:
             )
         self.progress(f"{target.name}: built {variant.ref} in {seconds:.1f} s")
         return seconds, log_path
-
-    def _relabel(self, variant: ImageVariant, image_id: str, inputs: str) -> None:
-        """Put the inputs label on a build that came out without it (see Builder.relabel)."""
-        cli = self._build_cli_factory()
-        if not cli.relabel(image_id, variant.ref, {LABEL_INPUTS: inputs}, self.build_timeout):
-            log.warning(
-                "%s: %s has no inputs label after its build; the next run will build it again",
-                variant.target.name,
-                variant.ref,
-            )
 
     def _push(self, engine: Engine, variant: ImageVariant) -> None:
         repo, tag = split_ref(variant.ref)
