@@ -13,7 +13,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from pytest_epics_multiarch.engine import LABEL_SESSION, Owner
+from pytest_epics_multiarch.engine import LABEL_CA_PORT, LABEL_SESSION, Owner
 from pytest_epics_multiarch.session import EpicsSession
 from pytest_epics_multiarch.settings import Settings
 
@@ -66,17 +66,25 @@ def test_ca_ports_are_published_on_loopback_only(tmp_path: Path) -> None:
     ioc = session.start_ioc(config, target, session.image(config, target))
     try:
         client = docker.from_env()
+        # The IOC's container and the spare started after it (--epics-spare-iocs, default 1):
+        # every container of the session publishes its own port, on loopback only.
+        session.iocs.wait_for_spares(60)
         containers = client.containers.list(filters={"label": f"{LABEL_SESSION}={session.owner.session}"})
-        assert len(containers) == 1
-        bindings = containers[0].attrs["HostConfig"]["PortBindings"]
-        port = ioc.ca_address[1]
-        assert set(bindings) == {f"{port}/tcp", f"{port}/udp"}
-        assert all(
-            b["HostIp"] == "127.0.0.1" and b["HostPort"] == str(port) for v in bindings.values() for b in v
-        )
-        assert containers[0].attrs["HostConfig"]["Privileged"] is False
-        assert containers[0].attrs["HostConfig"]["NetworkMode"] == "bridge"
-        assert containers[0].attrs["HostConfig"]["Init"] is True
+        assert len(containers) == 2
+        ports = {int(c.labels[LABEL_CA_PORT]) for c in containers}
+        assert ioc.ca_address[1] in ports and len(ports) == 2
+        for container in containers:
+            bindings = container.attrs["HostConfig"]["PortBindings"]
+            port = int(container.labels[LABEL_CA_PORT])
+            assert set(bindings) == {f"{port}/tcp", f"{port}/udp"}
+            assert all(
+                b["HostIp"] == "127.0.0.1" and b["HostPort"] == str(port)
+                for v in bindings.values()
+                for b in v
+            )
+            assert container.attrs["HostConfig"]["Privileged"] is False
+            assert container.attrs["HostConfig"]["NetworkMode"] == "bridge"
+            assert container.attrs["HostConfig"]["Init"] is True
         assert ioc.ca.get("SAMPLE:MESSAGE") == "hello"
         assert "DBF_DOUBLE" in ioc.iocsh("dbgf SAMPLE:SETPOINT")
     finally:

@@ -93,11 +93,13 @@ def test_session_labels_every_container(tmp_path: Path, client: docker.DockerCli
     target = config.target("linux/amd64")
     try:
         session.start_ioc(config, target, session.image(config, target))
+        session.iocs.wait_for_spares(60)
         mine = client.containers.list(filters={"label": f"{LABEL_SESSION}={session.owner.session}"})
-        assert len(mine) == 1
-        labels = mine[0].labels
-        assert labels["io.github.pytest-epics-multiarch.owner-pid"] == str(session.owner.pid)
-        assert labels["io.github.pytest-epics-multiarch.target"] == "linux/amd64"
+        assert len(mine) == 2  # the IOC and the spare started after it (--epics-spare-iocs 1)
+        for container in mine:
+            labels = container.labels
+            assert labels["io.github.pytest-epics-multiarch.owner-pid"] == str(session.owner.pid)
+            assert labels["io.github.pytest-epics-multiarch.target"] == "linux/amd64"
     finally:
         session.close()
     assert not client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session.owner.session}"})
