@@ -297,7 +297,10 @@ def test_a_missing_pv_and_a_refused_put_fail_naming_target_pv_and_ioc(
 
 @pytest.fixture
 def session(tmp_path: Path) -> Iterator[EpicsSession]:
-    epics = EpicsSession(Settings(arch=("linux/amd64",)), work_dir=tmp_path, progress=lambda m: None)
+    # No spare IOCs: these tests steer the runner's port choices, and a spare started in the
+    # background would both take those choices and serve the next start without choosing a port.
+    settings = Settings(arch=("linux/amd64",), spare_iocs=0)
+    epics = EpicsSession(settings, work_dir=tmp_path, progress=lambda m: None)
     yield epics
     epics.close()
     assert session_containers(epics) == []
