@@ -18,7 +18,7 @@ from .ca import CAClient, make_ca_client
 from .config import IocSpec, ProjectConfig
 from .errors import IocError, IocStartError
 from .images import ImageResult
-from .runners.base import IocRunner
+from .runners.base import IocRunner, ReadyProbe
 from .targets import Target
 
 log = logging.getLogger("pytest_epics_multiarch.ioc")
@@ -96,9 +96,7 @@ def first_record(dbl_output: str) -> str | None:
     return None
 
 
-RunnerFactory = Callable[
-    [ProjectConfig, Target, ImageResult, IocSpec, "Callable[[tuple[str, int]], None]", Path], IocRunner
-]
+RunnerFactory = Callable[[ProjectConfig, Target, ImageResult, IocSpec, ReadyProbe, Path], IocRunner]
 
 #: IOCs under one key are interchangeable: the config file, the target, the image and the
 #: ``ioc:`` settings (the identity :meth:`EpicsSession.shared_ioc` shares IOCs by).

@@ -19,7 +19,7 @@ from .errors import ConfigError, EngineUnavailable, ImageError, IocStartError
 from .images import ImageResolver, ImageResult
 from .ioc import Ioc, IocPool
 from .payload import Payload
-from .runners.base import IocRunner
+from .runners.base import IocRunner, ReadyProbe
 from .settings import Settings
 from .targets import EMULATED_BSPS, Target
 
@@ -144,7 +144,7 @@ class EpicsSession:
         target: Target,
         image: ImageResult,
         spec: IocSpec,
-        ready_probe: Callable[[tuple[str, int]], None],
+        ready_probe: ReadyProbe,
         log_path: Path,
     ) -> IocRunner:
         timeout = self.settings.start_timeout or spec.start_timeout
@@ -191,7 +191,7 @@ class EpicsSession:
         target: Target,
         image: ImageResult,
         spec: IocSpec,
-        ready_probe: Callable[[tuple[str, int]], None],
+        ready_probe: ReadyProbe,
         log_path: Path,
     ) -> IocRunner:
         from .oci import RegistryClient, payload_from_layers
