@@ -64,6 +64,10 @@ apt_install() {
 
 # The engine answers either Docker CLI: Debian's 20.10 one (which the plugin builds with) or
 # the one first on PATH.
+import_flags() { # CLI: flags its `import` needs to keep quiet (podman reports each blob on stderr)
+    if [ "$(basename "$1")" = podman ]; then echo --quiet; fi
+}
+
 docker_cli() {
     if [ -x /usr/bin/docker ]; then
         echo /usr/bin/docker
@@ -241,7 +245,8 @@ import_base_image() { # CLI (docker or podman): import the rootfs as $BASE_IMAGE
     local cli="$1" tarball
     tarball="$(base_tarball)"
     log "base-image: $(basename "$cli") import $tarball as $BASE_IMAGE"
-    "$cli" import \
+    # shellcheck disable=SC2046  # no flag or one word
+    "$cli" import $(import_flags "$cli") \
         --change "LABEL $BASE_LABEL=setup" \
         --change "ENV LANG=C.UTF-8" \
         --change 'CMD ["/bin/bash"]' \
@@ -321,21 +326,66 @@ step_qemu() {
 
 # --- ppc-guest -----------------------------------------------------------------------------
 
-step_ppc_guest() {
+guest_image_info() { # CLI: "id|made-by|guest-key" of $GUEST_IMAGE in that CLI's store, or fails
+    # `with` because an image without labels has none to index (the template would fail, like a
+    # missing image). Docker and podman both answer this template.
+    "$1" image inspect -f "{{.Id}}|{{with .Config.Labels}}{{index . \"$BASE_LABEL\"}}|\
+{{index . \"$GUEST_KEY_LABEL\"}}{{end}}" "$GUEST_IMAGE" 2>/dev/null
+}
+
+guest_clis() { # the CLIs whose image stores get the guest: docker, and podman when installed
     local cli
     cli="$(docker_cli)"
     [ -n "$cli" ] || die "ppc-guest: no docker CLI; run '$0 engine' first"
-    # One inspect for all we need: id, our made-by label, the guest it holds. `with` because an
-    # image without labels has none to index (the template would fail, like a missing image).
-    local info="" old_id="" made_by="" current_key=""
-    if info="$("$cli" image inspect -f "{{.Id}}|{{with .Config.Labels}}{{index . \"$BASE_LABEL\"}}|\
-{{index . \"$GUEST_KEY_LABEL\"}}{{end}}" "$GUEST_IMAGE" 2>/dev/null)"; then
+    echo "$cli"
+    command -v podman 2>/dev/null || true
+}
+
+import_guest_image() { # CLI OUT KEY: $GUEST_IMAGE in CLI's store holds guest KEY from OUT
+    local cli="$1" out="$2" key="$3" name info old_id="" made_by="" current_key=""
+    name="$(basename "$cli")"
+    if info="$(guest_image_info "$cli")"; then
         IFS='|' read -r old_id made_by current_key <<<"$info"
-        # Refuse a foreign image before spending time on the guest.
-        [ "$made_by" = setup ] ||
-            die "ppc-guest: an image named $GUEST_IMAGE exists but was not made by this set-up \
-(no label $BASE_LABEL=setup); it is left alone. Remove or rename it yourself, then rerun."
     fi
+    if [ "$current_key" = "$key" ]; then
+        log "ppc-guest: $GUEST_IMAGE present in $name (guest $key)"
+        return
+    fi
+    # Hard links into a folder of the image's layout: no copy of the 100 MB.
+    local stage="$STATE/ppc-guest-image"
+    rm -rf "$stage"
+    mkdir -p "$stage/guest"
+    ln -f "$out/vmlinux" "$out/initrd.cpio" "$stage/guest/" 2>/dev/null ||
+        cp -f "$out/vmlinux" "$out/initrd.cpio" "$stage/guest/"
+    log "ppc-guest: $name import as $GUEST_IMAGE (guest $key)"
+    # shellcheck disable=SC2046  # no flag or one word
+    tar -C "$stage" --owner=0 --group=0 --numeric-owner -cf - guest |
+        "$cli" import $(import_flags "$cli") \
+            --change "LABEL $BASE_LABEL=setup" \
+            --change "LABEL $GUEST_KEY_LABEL=$key" \
+            --message "pytest-epics-multiarch ppc64el test guest $key (sample_iocs/ppc_guest)" \
+            - "$GUEST_IMAGE" >/dev/null ||
+        die "ppc-guest: $name import of $GUEST_IMAGE failed"
+    rm -rf "$stage"
+    if [ -n "$old_id" ]; then
+        # The guest this set-up made before, now untagged; kept if something still uses it.
+        "$cli" image rm "$old_id" >/dev/null 2>&1 || true
+    fi
+    log "ppc-guest: $GUEST_IMAGE made in $name"
+}
+
+step_ppc_guest() {
+    local clis cli info made_by
+    clis="$(guest_clis)"
+    # Refuse a foreign image in any store before spending time on the guest.
+    for cli in $clis; do
+        if info="$(guest_image_info "$cli")"; then
+            IFS='|' read -r _ made_by _ <<<"$info"
+            [ "$made_by" = setup ] ||
+                die "ppc-guest: an image named $GUEST_IMAGE exists in $(basename "$cli") but was not \
+made by this set-up (no label $BASE_LABEL=setup); it is left alone. Remove or rename it yourself, then rerun."
+        fi
+    done
     # build_guest.py fetches caproto's wheel with pip the first time.
     if ! compgen -G "$STATE/ppc-guest/wheels/caproto-*.whl" >/dev/null &&
         ! python3 -m pip --version >/dev/null 2>&1; then
@@ -355,30 +405,9 @@ step_ppc_guest() {
     # cached build's own (hard-linked) file, so it changes exactly when the guest was rebuilt.
     local key
     key="$(sha256sum "$out/manifest.json" | cut -c1-24)"
-    if [ "$current_key" = "$key" ]; then
-        log "ppc-guest: $GUEST_IMAGE present (guest $key)"
-        return
-    fi
-    # Hard links into a folder of the image's layout: no copy of the 100 MB.
-    local stage="$STATE/ppc-guest-image"
-    rm -rf "$stage"
-    mkdir -p "$stage/guest"
-    ln -f "$out/vmlinux" "$out/initrd.cpio" "$stage/guest/" 2>/dev/null ||
-        cp -f "$out/vmlinux" "$out/initrd.cpio" "$stage/guest/"
-    log "ppc-guest: docker import as $GUEST_IMAGE (guest $key)"
-    tar -C "$stage" --owner=0 --group=0 --numeric-owner -cf - guest |
-        "$cli" import \
-            --change "LABEL $BASE_LABEL=setup" \
-            --change "LABEL $GUEST_KEY_LABEL=$key" \
-            --message "pytest-epics-multiarch ppc64el test guest $key (sample_iocs/ppc_guest)" \
-            - "$GUEST_IMAGE" >/dev/null ||
-        die "ppc-guest: docker import of $GUEST_IMAGE failed"
-    rm -rf "$stage"
-    if [ -n "$old_id" ]; then
-        # The guest this set-up made before, now untagged; kept if something still uses it.
-        "$cli" image rm "$old_id" >/dev/null 2>&1 || true
-    fi
-    log "ppc-guest: $GUEST_IMAGE made"
+    for cli in $clis; do
+        import_guest_image "$cli" "$out" "$key"
+    done
 }
 
 # --- all -----------------------------------------------------------------------------------

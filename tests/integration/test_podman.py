@@ -78,7 +78,7 @@ def test_the_sample_passes_on_both_engines(
     folders = service_folders()
     result = pytester.runpytest_subprocess(
         str(SAMPLE),
-        "--arch=linux/amd64",
+        "--arch=linux/amd64,linux/ppc64le",  # a container target and a QEMU one
         f"--epics-engine={engine}",
         "-v",
         "-p",
@@ -87,11 +87,15 @@ def test_the_sample_passes_on_both_engines(
     )
     assert result.ret == 0, result.stdout.str()
     # The header names the engine that answered, not just the one asked for.
-    result.stdout.fnmatch_lines([f"epics-multiarch: engine {engine} *", "linux/amd64*passed*"])
+    result.stdout.fnmatch_lines(
+        [f"epics-multiarch: engine {engine} *", "linux/amd64*passed*", "linux/ppc64le*passed*"]
+    )
     if engine == "podman":
         result.stdout.fnmatch_lines(["epics-multiarch: engine podman 4.* started for this session"])
-    linux = json.loads(report.read_text())["targets"]["linux/amd64"]
-    assert linux["status"] == "passed" and linux["passed"] >= 20 and linux["failed"] == 0
+    targets = json.loads(report.read_text())["targets"]
+    for name in ("linux/amd64", "linux/ppc64le"):
+        row = targets[name]
+        assert row["status"] == "passed" and row["passed"] >= 20 and row["failed"] == 0, (name, row)
     assert service_folders() <= folders, "the session's podman socket folder was left behind"
 
 
