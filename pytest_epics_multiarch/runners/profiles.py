@@ -53,9 +53,13 @@ class QemuProfile:
         tftp_root: Path | None,
         bios: Path | None = None,
         initrd: Path | None = None,
-        qmp_socket: Path | None = None,
+        qmp_socket: str | None = None,
     ) -> list[str]:
-        """The full argv; the console is the first serial port on stdio."""
+        """The full argv; the console is the first serial port on stdio.
+
+        ``qmp_socket`` names an abstract UNIX socket for QEMU's control protocol: no file, so no
+        108-byte path limit however deep the log folder, and nothing left if QEMU is killed.
+        """
         netdev = f"user,id=n0,hostname={hostname}"
         if tftp_root is not None:
             netdev += f",tftp={tftp_root}"
@@ -66,7 +70,8 @@ class QemuProfile:
             argv += ["-cpu", self.cpu]
         argv += ["-m", self.memory, "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"]
         if qmp_socket is not None:
-            argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
+            # abstract=on: QEMU's socket chardev option (Linux only; checked with QEMU 7.2).
+            argv += ["-qmp", f"unix:{qmp_socket},abstract=on,server=on,wait=off"]
         if self.needs_bios:
             if bios is None:
                 raise ConfigError(f"QEMU profile {self.name} needs a firmware file (bios)")

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -73,6 +74,8 @@ class QemuIoc(ConsoleRunner):
             "raise qemu.boot_timeout if the boot is just slow"
         )
         self.argv: list[str] = []
+        #: QEMU's control socket, in the abstract namespace (see QemuProfile.command).
+        self.qmp_socket = f"pytest-epics-multiarch-qmp-{os.getpid()}-{uuid.uuid4().hex[:16]}"
         self._process: subprocess.Popen[bytes] | None = None
         #: The owner's labels (with keep=true for --epics-keep-iocs), stamped on the process.
         self.labels = dict(labels) if labels is not None else Owner.current().labels()
@@ -134,9 +137,6 @@ class QemuIoc(ConsoleRunner):
         self._kill()
         self.ca_address = ("127.0.0.1", port)
         layout = self.layout_tftp(port)
-        qmp = self.work_dir / "qmp.sock"
-        if qmp.exists():
-            qmp.unlink()
         self.argv = self.profile.command(
             kernel=self.payload.kernel,
             port=port,
@@ -144,7 +144,7 @@ class QemuIoc(ConsoleRunner):
             tftp_root=layout.root if layout else None,
             bios=self.payload.bios,
             initrd=self.payload.initrd,
-            qmp_socket=qmp,
+            qmp_socket=self.qmp_socket,
         )
         log.info("%s: %s", self.target, " ".join(self.argv))
         if self.log_path is not None:
@@ -208,11 +208,10 @@ class QemuIoc(ConsoleRunner):
             self._console.close()
 
     def _quit_via_qmp(self) -> None:
-        path = self.work_dir / "qmp.sock"
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(1.0)
-                sock.connect(str(path))
+                sock.connect("\0" + self.qmp_socket)  # a leading NUL: the abstract namespace
                 sock.recv(4096)  # the greeting
                 for command in ({"execute": "qmp_capabilities"}, {"execute": "quit"}):
                     sock.sendall(json.dumps(command).encode() + b"\n")

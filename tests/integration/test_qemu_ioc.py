@@ -67,7 +67,11 @@ def test_sample_tests_pass_on_the_powerpc_guest(
 
 
 def test_boot_get_put_console_and_stop(tmp_path: Path, no_leftover_qemu: None) -> None:
-    session = EpicsSession(Settings(arch=(GUEST,)), work_dir=tmp_path, progress=lambda m: None)
+    # A log folder this deep would put a control socket file past the 108-byte limit of a UNIX
+    # socket path; QEMU's control socket is abstract, so the depth does not matter.
+    work = tmp_path / ("a-deep-log-folder-" * 6)
+    assert len(str(work / "ioc-linux-ppc64le-1" / "qmp.sock")) > 108
+    session = EpicsSession(Settings(arch=(GUEST,)), work_dir=work, progress=lambda m: None)
     config = session.config_for(SAMPLE / "tests")
     target = config.target(GUEST)
     try:
@@ -79,11 +83,14 @@ def test_boot_get_put_console_and_stop(tmp_path: Path, no_leftover_qemu: None) -
         ioc.ca.put("SAMPLE:SETPOINT", 21.5)
         assert ioc.ca.wait_for("SAMPLE:DOUBLED", 43.0, timeout=10) == 43.0
         assert "21.5" in ioc.iocsh("dbgf SAMPLE:SETPOINT")
-        assert list(tmp_path.glob("ioc-*/tftp/epics/*/st.cmd"))
+        assert list(work.glob("ioc-*/tftp/epics/*/st.cmd"))
     finally:
         session.close()
     # The TFTP folder with the served st.cmd goes with the IOC.
-    assert not list(tmp_path.glob("ioc-*/tftp"))
+    assert not list(work.glob("ioc-*/tftp"))
+    # QEMU was asked to quit over its control socket, not signalled.
+    (console,) = work.glob("ioc-*.log")
+    assert "terminating on signal" not in console.read_text(errors="replace")
 
 
 def test_a_guest_that_never_gets_ready_times_out_clearly(tmp_path: Path, no_leftover_qemu: None) -> None:
