@@ -8,13 +8,16 @@ not kept on purpose; containers without our labels are never touched.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
 import socket
 import subprocess
+import urllib.parse
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,9 +28,10 @@ from typing import Any, Protocol
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
 import docker
+import docker.auth
 import docker.errors
 
-from .errors import EngineError
+from .errors import EngineError, ImageError
 from .flavors import DOCKER_SOCKET, Flavor, PodmanService, connect, find_podman_build
 
 log = logging.getLogger("pytest_epics_multiarch.engine")
@@ -163,6 +167,55 @@ class Engine:
                 return None
             raise
 
+    def pull(self, ref: str, platform: str) -> None:
+        """Pull ``ref`` for ``platform``; APIError carries what the engine or registry said.
+
+        Reads the progress stream itself: the SDK's ``images.pull`` drops its errors, so a
+        refused pull surfaces as ImageNotFound, or silently leaves a stale local image in place.
+        """
+        registry = registry_of(ref)
+        query = self.flavor.registry_query(registry)
+        if self.kind == "podman":
+            # Podman's Docker-compatible pull ignores tlsVerify (seen with podman 4.3.1); its own
+            # endpoint takes it, with the platform in parts.
+            os_name, arch, variant = [*platform.split("/"), "", ""][:3]
+            params = {"reference": ref, "os": os_name, "arch": arch, "variant": variant, **query}
+            self._post_stream("/libpod/images/pull", params, registry)
+            return
+        name, _, digest = ref.partition("@")
+        repo, tag = (name, digest) if digest else split_ref(ref)
+        lines = self.client.api.pull(repo, tag=tag, platform=platform, stream=True, decode=True)
+        raise_stream_error(lines)
+
+    def push(self, ref: str) -> None:
+        """Push the local image ``ref`` to its registry; APIError carries what went wrong."""
+        registry = registry_of(ref)
+        repo, tag = split_ref(ref)
+        query = self.flavor.registry_query(registry)
+        if query:
+            # The SDK's push takes no extra query; Podman's compatible push takes tlsVerify.
+            path = f"/images/{urllib.parse.quote(repo, safe='')}/push"
+            self._post_stream(path, {"tag": tag, **query}, registry)
+            return
+        raise_stream_error(self.client.images.push(repo, tag=tag, stream=True, decode=True))
+
+    def _post_stream(self, path: str, params: dict[str, str], registry: str) -> None:
+        """POST to the engine's API with the registry's credentials; fail on an error line."""
+        api = self.client.api
+        headers = {}
+        auth_header = docker.auth.get_config_header(api, registry)
+        if auth_header:
+            headers["X-Registry-Auth"] = auth_header
+        url = f"{api.base_url}/v{api.api_version}{path}"
+        with api.post(url, params=params, headers=headers, stream=True, timeout=api.timeout) as response:
+            if response.status_code >= 400:
+                try:
+                    explanation = str(response.json().get("message") or response.text)
+                except ValueError:
+                    explanation = response.text
+                raise docker.errors.APIError(explanation, response=response, explanation=explanation)
+            raise_stream_error(json.loads(line) for line in response.iter_lines() if line.strip())
+
     def sweep_leftovers(self, host: str) -> list[str]:
         """Remove containers of dead sessions on this host; return their names."""
         removed: list[str] = []
@@ -183,6 +236,33 @@ class Engine:
             except docker.errors.APIError as exc:
                 log.warning("could not remove leftover container %s: %s", container.name, exc)
         return removed
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """``host:port/repo:tag`` -> (``host:port/repo``, ``tag``); the tag defaults to latest."""
+    last = ref.rsplit("/", 1)[-1]
+    if ":" in last:
+        repo, tag = ref.rsplit(":", 1)
+        return repo, tag
+    return ref, "latest"
+
+
+def registry_of(ref: str) -> str:
+    """The registry part of an image reference (docker.io for Docker Hub; "" if malformed)."""
+    from .oci.reference import parse_reference  # here: the oci package imports this module
+
+    try:
+        return parse_reference(ref).registry
+    except ImageError:  # the engine then says what is wrong with the name
+        return ""
+
+
+def raise_stream_error(lines: Iterable[Any]) -> None:
+    """Read a pull or push progress stream to its end; raise APIError on its first error line."""
+    for line in lines:
+        if isinstance(line, dict) and line.get("error"):
+            message = str(line["error"])
+            raise docker.errors.APIError(message, explanation=message)
 
 
 class Builder(Protocol):

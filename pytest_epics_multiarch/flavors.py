@@ -103,6 +103,21 @@ class Flavor:
             flags += [f"--ulimit={name}={soft}:{hard}" for name, soft, hard in ROOTFUL_PODMAN_ULIMITS]
         return flags
 
+    def registry_query(self, registry: str) -> dict[str, str]:
+        """Query parameters that a pull from or push to ``registry`` needs on this engine.
+
+        Docker talks plain HTTP to a registry on 127.0.0.0/8 without being told (dockerd's
+        documentation, "Insecure registries": local registries in that range are marked
+        insecure automatically); Podman only to registries that registries.conf marks insecure,
+        or when the request says tlsVerify=false. The plugin says so for loopback registries, so
+        a registry on this machine works alike on both engines; others keep Podman's default.
+        """
+        from .oci.reference import is_loopback  # here: the oci package imports the engine
+
+        if self.kind == "podman" and is_loopback(registry):
+            return {"tlsVerify": "false"}
+        return {}
+
     def start_error_hint(self, message: str) -> str | None:
         """A hint for an engine-specific reason a container did not start, if we know one."""
         text = message.lower()
@@ -110,6 +125,15 @@ class Flavor:
             return "containers run with --init, which Podman serves with catatonit: apt-get install catatonit"
         if self.kind == "podman" and "rlimit" in text:
             return "Podman could not apply the container's ulimits; set default_ulimits in containers.conf"
+        return None
+
+    def registry_error_hint(self, message: str) -> str | None:
+        """A hint for an engine-specific reason a pull or push failed, if we know one."""
+        if self.kind == "podman" and "http response to https client" in message.lower():
+            return (
+                "the registry speaks plain HTTP, which Podman uses only for registries that "
+                'registries.conf marks insecure: [[registry]] location="HOST:PORT" insecure=true'
+            )
         return None
 
 

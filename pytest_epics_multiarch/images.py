@@ -25,7 +25,7 @@ from pathlib import Path
 import docker.errors
 
 from .config import ImageSpec, ProjectConfig
-from .engine import LABEL_INPUTS, Builder, Engine
+from .engine import LABEL_INPUTS, Builder, Engine, registry_of, split_ref
 from .errors import ConfigError, EngineUnavailable, ImageError, PrerequisiteMissing, tail_lines
 from .oci import RegistryClient, Resolved
 from .targets import Target
@@ -46,15 +46,6 @@ def image_ref(spec: ImageSpec, target: Target, stage: str) -> str:
         epics_arch=target.epics_arch,
     )
     return ref.lstrip("/")
-
-
-def split_ref(ref: str) -> tuple[str, str]:
-    """``host:port/repo:tag`` -> (``host:port/repo``, ``tag``); the tag defaults to latest."""
-    last = ref.rsplit("/", 1)[-1]
-    if ":" in last:
-        repo, tag = ref.rsplit(":", 1)
-        return repo, tag
-    return ref, "latest"
 
 
 @dataclass(frozen=True)
@@ -275,25 +266,17 @@ class ImageResolver:
         return resolved if resolved.index is not None else None
 
     def _engine_pull(self, engine: Engine, ref: str, target: Target) -> None:
-        """Pull through the engine, failing on the errors its progress stream reports.
-
-        The SDK's ``images.pull`` drops them: a refused pull then surfaces as ImageNotFound, or
-        silently leaves a stale local image in place.
-        """
-        repo, tag = (ref.split("@", 1)[0], ref.split("@", 1)[1]) if "@" in ref else split_ref(ref)
-        registry = repo.split("/", 1)[0] if "/" in repo else "Docker Hub"
+        """Pull through the engine; a refusal becomes an ImageError naming the registry."""
         try:
-            for line in engine.client.api.pull(
-                repo, tag=tag, platform=target.platform, stream=True, decode=True
-            ):
-                if isinstance(line, dict) and line.get("error"):
-                    raise docker.errors.APIError(str(line["error"]))
+            engine.pull(ref, target.platform)
         except docker.errors.APIError as exc:
+            seen = str(getattr(exc, "explanation", None) or exc)
             raise ImageError(
                 f"could not pull {ref}",
                 target=target.name,
-                seen=f"registry {registry}: {getattr(exc, 'explanation', None) or exc}",
-                hint="check the image name, tag and registry in epics-multiarch.yaml, that the "
+                seen=f"registry {registry_of(ref) or '?'}: {seen}",
+                hint=engine.flavor.registry_error_hint(seen)
+                or "check the image name, tag and registry in epics-multiarch.yaml, that the "
                 "registry runs, and that the image was pushed (or build it: --epics-image-policy=build)",
             ) from exc
 
@@ -422,20 +405,17 @@ class ImageResolver:
         return seconds, log_path
 
     def _push(self, engine: Engine, variant: ImageVariant) -> None:
-        repo, tag = split_ref(variant.ref)
         self.progress(f"{variant.target.name}: pushing {variant.ref}")
         try:
-            for line in engine.client.images.push(repo, tag=tag, stream=True, decode=True):
-                if isinstance(line, dict) and line.get("error"):
-                    raise ImageError(
-                        f"pushing {variant.ref} failed",
-                        target=variant.target.name,
-                        seen=str(line["error"]),
-                        hint="is the registry running and the name's registry part right?",
-                    )
+            engine.push(variant.ref)
         except docker.errors.APIError as exc:
+            seen = str(getattr(exc, "explanation", None) or exc)
             raise ImageError(
-                f"pushing {variant.ref} failed", target=variant.target.name, seen=str(exc)
+                f"pushing {variant.ref} failed",
+                target=variant.target.name,
+                seen=seen,
+                hint=engine.flavor.registry_error_hint(seen)
+                or "is the registry running and the name's registry part right?",
             ) from exc
 
 

@@ -28,7 +28,7 @@ from ..errors import (
     PrerequisiteMissing,
     tail_lines,
 )
-from ..images import ImageResult, split_ref
+from ..images import ImageResult
 from ..ioc import Ioc
 from ..runners.profiles import build_only_reason
 from ..session import EpicsSession
@@ -220,10 +220,9 @@ def _local_or_pulled(session: EpicsSession, target: Target, ref: str, where: str
     if image_id is not None:
         return ImageResult(ref, target, "local", 0.0, image_id, image_id)
     started = time.monotonic()
-    repo, tag = split_ref(ref)
     session.progress(f"{target.name}: pulling {ref} (ioc.image of {where})")
     try:
-        engine.client.images.pull(repo, tag=tag, platform=target.platform)
+        engine.pull(ref, target.platform)
     except docker.errors.APIError as exc:
         raise ImageError(
             f"could not pull {ref}, the ioc.image of {where}",

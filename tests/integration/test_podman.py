@@ -24,7 +24,7 @@ from pytest_epics_multiarch.engine import LABEL_OWNER_PID, LABEL_SESSION, Engine
 from pytest_epics_multiarch.session import EpicsSession
 from pytest_epics_multiarch.settings import Settings
 
-from .conftest import BASE_IMAGE, SAMPLE
+from .conftest import BASE_IMAGE, SAMPLE, sample_config_with_tag
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow, pytest.mark.usefixtures("subprocess_env")]
 
@@ -139,6 +139,53 @@ def test_podman_containers_are_confined_like_docker_ones(
     assert ioc.ca.get("SAMPLE:SETPOINT") is not None
     assert "SAMPLE:SETPOINT" in ioc.iocsh("dbl")  # the shell answers through podman's attach
     podman_session.iocs.release(ioc)
+
+
+def podman_refs_tagged(tag: str) -> list[str]:
+    out = subprocess.run(
+        ["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return [ref for ref in out.split() if ref.endswith(":" + tag)]
+
+
+def test_push_then_pull_through_the_local_registry_without_registries_conf(
+    pytester: pytest.Pytester, tmp_path: Path, nothing_left_in_podman: None
+) -> None:
+    """Podman speaks plain HTTP to 127.0.0.1 only when told; the plugin tells it, as Docker assumes."""
+    tag = f"podmanpp{Owner.current().session}"
+    config = sample_config_with_tag(tmp_path, tag)
+    args = [
+        str(SAMPLE / "tests" / "test_sample_ioc.py"),
+        "--arch=linux/amd64",
+        "--epics-engine=podman",
+        f"--epics-config={config}",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "message",
+    ]
+    try:
+        pushed = pytester.runpytest_subprocess(*args, "--epics-image-policy=build", "--epics-push")
+        assert pushed.ret == 0, pushed.stdout.str()
+        pushed.stdout.fnmatch_lines(["*pushing 127.0.0.1:*sample-ioc-runtime:" + tag + "*"])
+        refs = podman_refs_tagged(tag)
+        assert len(refs) == 2, refs  # developer and runtime
+        subprocess.run(["podman", "rmi", *refs], capture_output=True, timeout=120, check=True)
+        # The problem is real: podman's own pull, with registries.conf as it stands, wants HTTPS.
+        runtime = next(ref for ref in refs if "runtime" in ref)
+        plain = subprocess.run(["podman", "pull", runtime], capture_output=True, text=True, timeout=120)
+        assert plain.returncode != 0 and "HTTP response to HTTPS client" in plain.stderr, plain.stderr
+        pulled = pytester.runpytest_subprocess(*args, "--epics-image-policy=pull")
+        assert pulled.ret == 0, pulled.stdout.str()
+        pulled.stdout.fnmatch_lines(["*pulled 127.0.0.1:*sample-ioc-runtime:" + tag + "*"])
+    finally:
+        leftover = podman_refs_tagged(tag)
+        if leftover:
+            subprocess.run(["podman", "rmi", *leftover], capture_output=True, timeout=120, check=False)
 
 
 def test_auto_falls_back_to_podman_when_docker_does_not_answer(

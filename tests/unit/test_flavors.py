@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import docker.errors
 import pytest
 
 from pytest_epics_multiarch import flavors
-from pytest_epics_multiarch.engine import BuildCli, Engine, find_builder
+from pytest_epics_multiarch.engine import BuildCli, Engine, find_builder, raise_stream_error, registry_of
 from pytest_epics_multiarch.errors import EngineError, EngineUnavailable
 from pytest_epics_multiarch.flavors import Flavor, PodmanBuild
 
@@ -48,6 +49,31 @@ def test_podman_start_errors_get_a_podman_hint() -> None:
     assert "containers.conf" in (podman.start_error_hint("error setting rlimit type 7") or "")
     assert podman.start_error_hint("no such image") is None
     assert Flavor("docker", rootless=False).start_error_hint("catatonit") is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "registry", "query"),
+    [
+        ("podman", "127.0.0.1:5055", {"tlsVerify": "false"}),
+        ("podman", "127.3.4.5:5000", {"tlsVerify": "false"}),
+        ("podman", "localhost:5000", {"tlsVerify": "false"}),
+        ("podman", "[::1]:5000", {"tlsVerify": "false"}),
+        ("podman", "registry.example.org", {}),
+        ("podman", "docker.io", {}),
+        ("docker", "127.0.0.1:5055", {}),  # Docker assumes it by itself
+    ],
+)
+def test_podman_is_told_that_loopback_registries_speak_plain_http(
+    kind: str, registry: str, query: dict[str, str]
+) -> None:
+    assert Flavor(kind, rootless=False).registry_query(registry) == query
+
+
+def test_podmans_refusal_of_plain_http_gets_a_registries_conf_hint() -> None:
+    message = 'pinging container registry reg.example:5000: Get "https://reg.example:5000/v2/": http: server gave HTTP response to HTTPS client'
+    assert "registries.conf" in (Flavor("podman", rootless=False).registry_error_hint(message) or "")
+    assert Flavor("podman", rootless=False).registry_error_hint("manifest unknown") is None
+    assert Flavor("docker", rootless=False).registry_error_hint(message) is None
 
 
 def test_podman_builds_remotely_against_the_engines_socket() -> None:
@@ -163,3 +189,21 @@ def test_socket_folders_of_dead_sessions_are_swept(monkeypatch: pytest.MonkeyPat
         folder.mkdir()
     assert flavors.sweep_service_folders() == [dead]
     assert alive.exists() and other.exists() and not dead.exists()
+
+
+def test_a_pull_or_push_stream_fails_on_its_first_error_line() -> None:
+    stream = [
+        {"status": "Pulling"},
+        {"stream": "Copying blob\n"},
+        {"error": "manifest unknown"},
+        {"status": "x"},
+    ]
+    with pytest.raises(docker.errors.APIError, match="manifest unknown"):
+        raise_stream_error(iter(stream))
+    raise_stream_error(iter([{"status": "done"}, {"images": ["abc"], "id": "abc"}]))  # no error: returns
+
+
+def test_the_registry_of_a_reference() -> None:
+    assert registry_of("127.0.0.1:5055/a/b:dev") == "127.0.0.1:5055"
+    assert registry_of("debian:bookworm") == "docker.io"
+    assert registry_of("UPPER/Case::") == ""  # malformed: the engine says what is wrong
