@@ -313,18 +313,10 @@ def test_an_ioc_that_fails_to_start_is_tried_once(faked: pytest.Pytester) -> Non
 
 IMAGE_ENGINE = """
 
-class FakeImages:
-    def pull(self, repo, tag, platform):
-        import docker.errors
-        raise docker.errors.APIError(f"pull access denied for {repo}")
-
-
-class FakeClient:
-    images = FakeImages()
-
-
 class FakeEngine:
-    client = FakeClient()
+    def pull(self, ref, platform):
+        import docker.errors
+        raise docker.errors.APIError(f"pull access denied for {ref.rsplit(':', 1)[0]}")
 
     def describe(self):
         return "fake engine"
