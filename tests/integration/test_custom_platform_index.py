@@ -10,6 +10,7 @@ still pulls through the engine and runs as a container.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,14 +104,31 @@ def test_the_engine_refuses_the_rtems_entry(index_repo: str) -> None:
         client.close()
 
 
+def remove_from_podman(repo: str) -> None:
+    out = subprocess.run(
+        ["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True, text=True, timeout=60
+    ).stdout
+    refs = [ref for ref in out.split() if ref.startswith(repo + ":")]
+    digests = subprocess.run(
+        ["podman", "images", "--filter", f"reference={repo}", "--format", "{{.ID}}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    if refs or digests:
+        subprocess.run(["podman", "rmi", *refs, *digests], capture_output=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("engine", ["docker", pytest.param("podman", marks=pytest.mark.podman)])
 def test_both_entries_of_the_index_pass_the_sample_tests(
-    index_repo: str, pytester: pytest.Pytester, tmp_path: Path, no_leftover_containers: None
+    index_repo: str, pytester: pytest.Pytester, tmp_path: Path, no_leftover_containers: None, engine: str
 ) -> None:
     config = write_config(tmp_path, index_repo)
     try:
         result = pytester.runpytest_subprocess(
             str(SAMPLE / "tests" / "test_sample_ioc.py"),
             "--arch=linux/amd64,rtems/powerpc",
+            f"--epics-engine={engine}",
             f"--epics-config={config}",
             "--epics-image-policy=pull",
             "-k",
@@ -130,6 +148,9 @@ def test_both_entries_of_the_index_pass_the_sample_tests(
         )
         assert result.ret == 0, result.stdout.str()
     finally:
-        client = docker.from_env()
-        remove_local(client, index_repo)
-        client.close()
+        if engine == "podman":
+            remove_from_podman(index_repo)
+        else:
+            client = docker.from_env()
+            remove_local(client, index_repo)
+            client.close()
