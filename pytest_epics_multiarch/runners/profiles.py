@@ -53,12 +53,13 @@ class QemuProfile:
         tftp_root: Path | None,
         bios: Path | None = None,
         initrd: Path | None = None,
-        qmp_socket: str | None = None,
+        qmp_fd: int | None = None,
     ) -> list[str]:
         """The full argv; the console is the first serial port on stdio.
 
-        ``qmp_socket`` names an abstract UNIX socket for QEMU's control protocol: no file, so no
-        108-byte path limit however deep the log folder, and nothing left if QEMU is killed.
+        ``qmp_fd`` is QEMU's end of a connected socket pair for its control protocol (QMP),
+        passed down to the process: no socket file (whose path a deep log folder could push past
+        the 108-byte limit) and no name another local user could connect to.
         """
         netdev = f"user,id=n0,hostname={hostname}"
         if tftp_root is not None:
@@ -69,9 +70,10 @@ class QemuProfile:
         if self.cpu:
             argv += ["-cpu", self.cpu]
         argv += ["-m", self.memory, "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"]
-        if qmp_socket is not None:
-            # abstract=on: QEMU's socket chardev option (Linux only; checked with QEMU 7.2).
-            argv += ["-qmp", f"unix:{qmp_socket},abstract=on,server=on,wait=off"]
+        if qmp_fd is not None:
+            # A socket chardev over an inherited, connected fd (QEMU's chardev option fd=; checked
+            # with QEMU 7.2 and a socketpair): QMP greets on it at once and waits for commands.
+            argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control"]
         if self.needs_bios:
             if bios is None:
                 raise ConfigError(f"QEMU profile {self.name} needs a firmware file (bios)")

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -74,8 +73,8 @@ class QemuIoc(ConsoleRunner):
             "raise qemu.boot_timeout if the boot is just slow"
         )
         self.argv: list[str] = []
-        #: QEMU's control socket, in the abstract namespace (see QemuProfile.command).
-        self.qmp_socket = f"pytest-epics-multiarch-qmp-{os.getpid()}-{uuid.uuid4().hex[:16]}"
+        #: This end of QEMU's control (QMP) socket pair (see QemuProfile.command).
+        self._qmp: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         #: The owner's labels (with keep=true for --epics-keep-iocs), stamped on the process.
         self.labels = dict(labels) if labels is not None else Owner.current().labels()
@@ -137,6 +136,7 @@ class QemuIoc(ConsoleRunner):
         self._kill()
         self.ca_address = ("127.0.0.1", port)
         layout = self.layout_tftp(port)
+        self._qmp, qemu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.argv = self.profile.command(
             kernel=self.payload.kernel,
             port=port,
@@ -144,21 +144,29 @@ class QemuIoc(ConsoleRunner):
             tftp_root=layout.root if layout else None,
             bios=self.payload.bios,
             initrd=self.payload.initrd,
-            qmp_socket=self.qmp_socket,
+            qmp_fd=qemu_end.fileno(),
         )
         log.info("%s: %s", self.target, " ".join(self.argv))
         if self.log_path is not None:
             with open(self.log_path, "a") as log_file:
                 log_file.write("$ " + " ".join(self.argv) + "\n")
-        process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=self.work_dir,
-            env={**os.environ, OWNER_ENV: json.dumps(self.labels)},
-            start_new_session=True,  # its own process group: stop() signals QEMU and anything it spawned
-        )
+        try:
+            process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=self.work_dir,
+                env={**os.environ, OWNER_ENV: json.dumps(self.labels)},
+                start_new_session=True,  # its own process group: stop() signals QEMU and anything it spawned
+                pass_fds=(qemu_end.fileno(),),
+            )
+        except BaseException:
+            self._qmp.close()
+            self._qmp = None
+            raise
+        finally:
+            qemu_end.close()  # QEMU holds its own copy now
         self._process = process
         assert process.stdout is not None and process.stdin is not None
         stdout_fd, stdin = process.stdout.fileno(), process.stdin
@@ -204,18 +212,22 @@ class QemuIoc(ConsoleRunner):
                         stream.close()
                 except OSError:
                     pass
+        qmp, self._qmp = self._qmp, None
+        if qmp is not None:
+            qmp.close()
         if self._console is not None:
             self._console.close()
 
     def _quit_via_qmp(self) -> None:
+        sock = self._qmp
+        if sock is None:
+            return
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(1.0)
-                sock.connect("\0" + self.qmp_socket)  # a leading NUL: the abstract namespace
-                sock.recv(4096)  # the greeting
-                for command in ({"execute": "qmp_capabilities"}, {"execute": "quit"}):
-                    sock.sendall(json.dumps(command).encode() + b"\n")
-                    sock.recv(4096)
+            sock.settimeout(1.0)
+            sock.recv(4096)  # the greeting
+            for command in ({"execute": "qmp_capabilities"}, {"execute": "quit"}):
+                sock.sendall(json.dumps(command).encode() + b"\n")
+                sock.recv(4096)
         except OSError:
             pass  # SIGTERM follows
 

@@ -68,7 +68,7 @@ def test_sample_tests_pass_on_the_powerpc_guest(
 
 def test_boot_get_put_console_and_stop(tmp_path: Path, no_leftover_qemu: None) -> None:
     # A log folder this deep would put a control socket file past the 108-byte limit of a UNIX
-    # socket path; QEMU's control socket is abstract, so the depth does not matter.
+    # socket path; QEMU's control socket is a socket pair it inherits, so the depth does not matter.
     work = tmp_path / ("a-deep-log-folder-" * 6)
     assert len(str(work / "ioc-linux-ppc64le-1" / "qmp.sock")) > 108
     session = EpicsSession(Settings(arch=(GUEST,)), work_dir=work, progress=lambda m: None)

@@ -57,14 +57,14 @@ def test_pseries_command_line_with_qmp() -> None:
         port=5999,
         hostname="ioc1",
         tftp_root=Path("/t"),
-        qmp_socket="pem-qmp-1",
+        qmp_fd=7,
     )
     assert argv == [
         "qemu-system-ppc64", "-M",
         "pseries,usb=off,x-vof=on,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
         "-cpu", "power9", "-m", "512",
         "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-        "-qmp", "unix:pem-qmp-1,abstract=on,server=on,wait=off",
+        "-chardev", "socket,id=qmp,fd=7", "-mon", "chardev=qmp,mode=control",
         "-kernel", "/p/vmlinux", "-initrd", "/p/initrd.cpio", "-append", "console=hvc0 quiet",
         "-netdev", NET, "-device", "virtio-net-pci,netdev=n0", "-vga", "none", "-smp", "1",
     ]  # fmt: skip
