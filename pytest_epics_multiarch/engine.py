@@ -8,6 +8,7 @@ not kept on purpose; containers without our labels are never touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import urllib.parse
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +31,7 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 import docker
 import docker.auth
 import docker.errors
+import requests
 
 from .errors import EngineError, ImageError
 from .flavors import DOCKER_SOCKET, Flavor, PodmanService, connect, find_podman_build
@@ -173,31 +175,33 @@ class Engine:
         Reads the progress stream itself: the SDK's ``images.pull`` drops its errors, so a
         refused pull surfaces as ImageNotFound, or silently leaves a stale local image in place.
         """
-        registry = registry_of(ref)
-        query = self.flavor.registry_query(registry)
-        if self.kind == "podman":
-            # Podman's Docker-compatible pull ignores tlsVerify (seen with podman 4.3.1); its own
-            # endpoint takes it, with the platform in parts.
-            os_name, arch, variant = [*platform.split("/"), "", ""][:3]
-            params = {"reference": ref, "os": os_name, "arch": arch, "variant": variant, **query}
-            self._post_stream("/libpod/images/pull", params, registry)
-            return
-        name, _, digest = ref.partition("@")
-        repo, tag = (name, digest) if digest else split_ref(ref)
-        lines = self.client.api.pull(repo, tag=tag, platform=platform, stream=True, decode=True)
-        raise_stream_error(lines)
+        with _stream_errors_as_api_errors():
+            registry = registry_of(ref)
+            query = self.flavor.registry_query(registry)
+            if self.kind == "podman":
+                # Podman's Docker-compatible pull ignores tlsVerify (seen with podman 4.3.1); its
+                # own endpoint takes it, with the platform in parts.
+                os_name, arch, variant = [*platform.split("/"), "", ""][:3]
+                params = {"reference": ref, "os": os_name, "arch": arch, "variant": variant, **query}
+                self._post_stream("/libpod/images/pull", params, registry)
+                return
+            name, _, digest = ref.partition("@")
+            repo, tag = (name, digest) if digest else split_ref(ref)
+            lines = self.client.api.pull(repo, tag=tag, platform=platform, stream=True, decode=True)
+            raise_stream_error(lines)
 
     def push(self, ref: str) -> None:
         """Push the local image ``ref`` to its registry; APIError carries what went wrong."""
-        registry = registry_of(ref)
-        repo, tag = split_ref(ref)
-        query = self.flavor.registry_query(registry)
-        if query:
-            # The SDK's push takes no extra query; Podman's compatible push takes tlsVerify.
-            path = f"/images/{urllib.parse.quote(repo, safe='')}/push"
-            self._post_stream(path, {"tag": tag, **query}, registry)
-            return
-        raise_stream_error(self.client.images.push(repo, tag=tag, stream=True, decode=True))
+        with _stream_errors_as_api_errors():
+            registry = registry_of(ref)
+            repo, tag = split_ref(ref)
+            query = self.flavor.registry_query(registry)
+            if query:
+                # The SDK's push takes no extra query; Podman's compatible push takes tlsVerify.
+                path = f"/images/{urllib.parse.quote(repo, safe='')}/push"
+                self._post_stream(path, {"tag": tag, **query}, registry)
+                return
+            raise_stream_error(self.client.images.push(repo, tag=tag, stream=True, decode=True))
 
     def _post_stream(self, path: str, params: dict[str, str], registry: str) -> None:
         """POST to the engine's API with the registry's credentials; fail on an error line."""
@@ -207,14 +211,15 @@ class Engine:
         if auth_header:
             headers["X-Registry-Auth"] = auth_header
         url = f"{api.base_url}/v{api.api_version}{path}"
-        with api.post(url, params=params, headers=headers, stream=True, timeout=api.timeout) as response:
+        # No read timeout, as the SDK's own pull: a large layer can keep the stream quiet a while.
+        with api.post(url, params=params, headers=headers, stream=True, timeout=None) as response:
             if response.status_code >= 400:
                 try:
                     explanation = str(response.json().get("message") or response.text)
                 except ValueError:
                     explanation = response.text
                 raise docker.errors.APIError(explanation, response=response, explanation=explanation)
-            raise_stream_error(json.loads(line) for line in response.iter_lines() if line.strip())
+            raise_stream_error(_json_lines(response.iter_lines()))
 
     def sweep_leftovers(self, host: str) -> list[str]:
         """Remove containers of dead sessions on this host; return their names."""
@@ -255,6 +260,26 @@ def registry_of(ref: str) -> str:
         return parse_reference(ref).registry
     except ImageError:  # the engine then says what is wrong with the name
         return ""
+
+
+@contextlib.contextmanager
+def _stream_errors_as_api_errors() -> Iterator[None]:
+    """A broken connection to the engine fails a pull or push like the engine's own errors."""
+    try:
+        yield
+    except requests.RequestException as exc:
+        message = f"the connection to the engine broke off: {exc}"
+        raise docker.errors.APIError(message, explanation=message) from exc
+
+
+def _json_lines(lines: Iterable[bytes]) -> Iterator[Any]:
+    """The JSON objects of a progress stream; a line that is not JSON is passed on as text."""
+    for line in lines:
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except ValueError:
+                yield {"stream": line.decode(errors="replace")}
 
 
 def raise_stream_error(lines: Iterable[Any]) -> None:

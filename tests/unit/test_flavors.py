@@ -7,7 +7,9 @@ from pathlib import Path
 
 import docker.errors
 import pytest
+import requests
 
+from pytest_epics_multiarch import engine as engine_module
 from pytest_epics_multiarch import flavors
 from pytest_epics_multiarch.engine import BuildCli, Engine, find_builder, raise_stream_error, registry_of
 from pytest_epics_multiarch.errors import EngineError, EngineUnavailable
@@ -207,3 +209,24 @@ def test_the_registry_of_a_reference() -> None:
     assert registry_of("127.0.0.1:5055/a/b:dev") == "127.0.0.1:5055"
     assert registry_of("debian:bookworm") == "docker.io"
     assert registry_of("UPPER/Case::") == ""  # malformed: the engine says what is wrong
+
+
+def test_a_broken_engine_connection_fails_a_pull_like_an_engine_error() -> None:
+    class Broken(Engine):
+        def __init__(self) -> None:
+            super().__init__(client=None, flavor=Flavor("podman", rootless=False))  # type: ignore[arg-type]
+
+        def _post_stream(self, path: str, params: dict[str, str], registry: str) -> None:
+            raise requests.ReadTimeout("read timed out")
+
+    with pytest.raises(docker.errors.APIError, match="the connection to the engine broke off: read timed out"):
+        Broken().pull("127.0.0.1:5055/a/b:1", "linux/amd64")
+
+
+def test_progress_lines_that_are_not_json_pass_as_text() -> None:
+    lines = [b'{"stream": "Copying blob"}', b"", b"plain text", b'{"error": "denied"}']
+    assert list(engine_module._json_lines(lines)) == [
+        {"stream": "Copying blob"},
+        {"stream": "plain text"},
+        {"error": "denied"},
+    ]
