@@ -127,6 +127,7 @@ class _Spare:
         try:
             if self.after is not None:
                 self.after.done.wait()
+                self.after = None  # else each spare keeps every one before it alive
             if self._cancelled.is_set():
                 return  # the session ended before this one began: nothing was started
             self.ioc.runner.start()
@@ -196,11 +197,18 @@ class IocPool:
         self.start_seconds: dict[str, list[float]] = {}
 
     def start(
-        self, config: ProjectConfig, target: Target, image: ImageResult, spec: IocSpec | None = None
+        self,
+        config: ProjectConfig,
+        target: Target,
+        image: ImageResult,
+        spec: IocSpec | None = None,
+        *,
+        replenish: bool = True,
     ) -> Ioc:
         """Start an IOC of ``image``; ``spec`` overrides the config's ``ioc:`` for this one.
 
-        Hands out a ready spare of the same configuration when there is one; then tops the
+        Hands out a ready spare of the same configuration when there is one; then, unless
+        ``replenish`` is False (an IOC shared for the session: a spare would idle), tops the
         spares up in the background.
         """
         spec = spec or config.ioc_for(target)
@@ -222,7 +230,8 @@ class IocPool:
             seconds = waited + float(getattr(ioc.runner, "start_seconds", 0.0))
         with self._lock:
             self.start_seconds.setdefault(target.name, []).append(seconds)
-        self._replenish(key, config, target, image, spec)
+        if replenish:
+            self._replenish(key, config, target, image, spec)
         return ioc
 
     def _new_ioc(self, config: ProjectConfig, target: Target, image: ImageResult, spec: IocSpec) -> Ioc:

@@ -66,7 +66,9 @@ class EpicsSession:
             ca_backend=settings.ca_client,
             keep=settings.keep_iocs,
             log_dir=self.log_dir,
-            spares=settings.spare_iocs,
+            # --epics-keep-iocs labels containers kept, which no later session sweeps: a spare
+            # left by a killed session would stay for good. Keeping is for debugging: no spares.
+            spares=0 if settings.keep_iocs else settings.spare_iocs,
         )
 
     def log_dir(self) -> Path:
@@ -135,7 +137,8 @@ class EpicsSession:
         key = (config.where, target.name, image.ref, repr(spec))
         ioc = self._shared.get(key)
         if ioc is None or not ioc.is_running():
-            ioc = self._shared[key] = self.iocs.start(config, target, image, spec)
+            # No spare: the shared IOC serves the session, so one would only idle beside it.
+            ioc = self._shared[key] = self.iocs.start(config, target, image, spec, replenish=False)
         return ioc
 
     def _make_runner(

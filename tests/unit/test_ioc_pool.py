@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from pytest_epics_multiarch.config import IocSpec, ProjectConfig, default_config
 from pytest_epics_multiarch.errors import IocStartError
 from pytest_epics_multiarch.images import ImageResult
 from pytest_epics_multiarch.ioc import Ioc, IocPool
+from pytest_epics_multiarch.session import EpicsSession
+from pytest_epics_multiarch.settings import Settings
 from pytest_epics_multiarch.targets import Target
 
 LINUX = Target("linux/amd64", "linux-x86_64")
@@ -292,3 +296,41 @@ def test_keep_never_keeps_a_spare_nobody_was_given(
     assert hints == ["reach fake 1"]
     assert runner_of(first).running and runner_of(first).stops == 0
     assert not runner_of(spare).running and runner_of(spare).stops >= 1
+
+
+def test_a_shared_ioc_takes_a_spare_but_leaves_none_behind(
+    make_pool: Callable[..., IocPool], factory: Factory
+) -> None:
+    pool = make_pool(spares=1)
+    config = default_config()
+    image = ImageResult("local/ioc:1", LINUX, "local", 0.0)
+    shared = pool.start(config, LINUX, image, replenish=False)
+    assert runner_of(shared).started_in == MAIN and pool.spare_iocs() == []
+    start(pool)  # a test's own IOC of the same configuration: its spare follows
+    assert pool.wait_for_spares(5)
+    (spare,) = pool.spare_iocs()
+    assert pool.start(config, LINUX, image, replenish=False) is spare  # taken, not replaced
+    assert pool.spare_iocs() == []
+
+
+def test_handed_out_spares_are_not_kept_alive_by_the_ones_after_them(
+    make_pool: Callable[..., IocPool], factory: Factory
+) -> None:
+    pool = make_pool(spares=2)
+    gone = []
+    for _ in range(6):
+        ioc = start(pool)
+        pool.wait_for_spares(5)
+        pool.release(ioc)
+        gone.append(weakref.ref(ioc))
+        del ioc
+    gc.collect()
+    assert [ref() for ref in gone] == [None] * 6
+
+
+def test_keep_iocs_turns_spares_off(tmp_path: Path) -> None:
+    session = EpicsSession(Settings(keep_iocs=True, spare_iocs=3), work_dir=tmp_path, progress=lambda m: None)
+    try:
+        assert session.iocs.spares == 0
+    finally:
+        session.close()
