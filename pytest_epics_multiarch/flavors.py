@@ -26,6 +26,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,10 +177,23 @@ def find_podman_build(url: str, flavor: Flavor) -> PodmanBuild:
 # -- a Podman service of the session's own ---------------------------------------------------
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask the kernel to SIGTERM the service when pytest dies, even by SIGKILL (prctl(2))."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+def _die_with_parent_hook() -> Callable[[], None]:
+    """A ``preexec_fn`` asking the kernel to SIGTERM the child when pytest dies, even by SIGKILL.
+
+    prctl(2) PR_SET_PDEATHSIG. libc is looked up here, in the parent: loading a library between
+    fork and exec can deadlock when other threads held the loader's lock at the fork. The
+    signal comes when the *thread* that forked ends; the plugin connects from the main thread.
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def hook() -> None:  # pragma: no cover - runs in the child between fork and exec
+        pr_set_pdeathsig = 1
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
 
 
 @dataclass
@@ -209,7 +223,7 @@ class PodmanService:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches pytest, which stops the service itself
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent_hook(),
             )
         except OSError as exc:
             shutil.rmtree(folder, ignore_errors=True)
@@ -220,13 +234,17 @@ class PodmanService:
             log_file.close()
         service = cls(process, folder, url)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                break
-            if (folder / "podman.sock").exists() and _answers(url):
-                log.info("started a Podman service for this session at %s (pid %d)", url, process.pid)
-                return service
-            time.sleep(0.1)
+        try:
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    break
+                if (folder / "podman.sock").exists() and _answers(url):
+                    log.info("started a Podman service for this session at %s (pid %d)", url, process.pid)
+                    return service
+                time.sleep(0.1)
+        except BaseException:  # Ctrl-C while waiting: the service goes too
+            service.stop()
+            raise
         text = service.log_text()
         service.stop()
         raise EngineUnavailable(
@@ -300,14 +318,15 @@ class Connection:
     service: PodmanService | None = None
 
 
-def _connect(url: str, timeout: float) -> docker.DockerClient:
+def _open(url: str, timeout: float) -> tuple[docker.DockerClient, Flavor]:
+    """A client of the engine at ``url`` that answered, and which engine it is."""
     client = docker.DockerClient(base_url=url, timeout=int(timeout))
     try:
         client.ping()
+        return client, _identify(client)
     except BaseException:
         client.close()
         raise
-    return client
 
 
 def connect(choice: str = "auto", timeout: float = 10.0) -> Connection:
@@ -327,20 +346,25 @@ def connect(choice: str = "auto", timeout: float = 10.0) -> Connection:
     tried: list[str] = []
     for url in urls:
         try:
-            client = _connect(url, timeout)
+            client, flavor = _open(url, timeout)
         except Exception as exc:  # the SDK raises several unrelated types here
             tried.append(f"{url}: {exc}")
             continue
-        return Connection(client, url, _identify(client))
+        return Connection(client, url, flavor)
     podman = shutil.which("podman")
     if podman and (choice == "podman" or (choice == "auto" and not docker_host)):
-        service = PodmanService.start(podman)
         try:
-            client = _connect(service.url, timeout)
+            service = PodmanService.start(podman)
+        except EngineUnavailable as exc:
+            # Say what was tried before the service too (Docker's socket, Podman's).
+            exc.seen = "; ".join([*tried, exc.seen or ""]).strip("; ")
+            raise
+        try:
+            client, flavor = _open(service.url, timeout)
         except BaseException:
             service.stop()
             raise
-        return Connection(client, service.url, _identify(client), service)
+        return Connection(client, service.url, flavor, service)
     if podman is None and choice == "podman":
         tried.append("no podman command to start a service with")
     if choice == "podman":

@@ -144,9 +144,12 @@ def no_engine_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]
 
 
 def test_auto_tries_docker_then_podman_then_a_service(no_engine_here: list[str]) -> None:
-    with pytest.raises(EngineUnavailable, match="did not answer"):
+    with pytest.raises(EngineUnavailable, match="did not answer") as info:
         flavors.connect("auto", timeout=1)
     assert no_engine_here == ["/usr/bin/podman"]
+    # The error says every socket tried before the service, not only the service.
+    seen = info.value.seen or ""
+    assert "no-docker.sock" in seen and "no-podman.sock" in seen, seen
 
 
 def test_an_explicit_docker_host_is_the_only_engine_auto_tries(
