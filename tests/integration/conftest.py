@@ -39,6 +39,20 @@ def sample_config_with_tag(folder: Path, tag: str) -> Path:
     return path
 
 
+def message_test_args(config: Path, *extra: str) -> list[str]:
+    """pytest arguments running the sample's message test on linux/amd64 with ``config``."""
+    return [
+        str(SAMPLE / "tests" / "test_sample_ioc.py"),
+        "--arch=linux/amd64",
+        f"--epics-config={config}",
+        *extra,
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "message",
+    ]
+
+
 def remove_images_tagged(tag: str) -> list[str]:
     """Remove the image tags ending in ``:tag`` (only names a test made); return them."""
     client = docker.from_env()

@@ -17,7 +17,7 @@ from pytest_epics_multiarch.engine import LABEL_CA_PORT, LABEL_SESSION, Owner
 from pytest_epics_multiarch.session import EpicsSession
 from pytest_epics_multiarch.settings import Settings
 
-from .conftest import BASE_IMAGE, SAMPLE, remove_images_tagged, sample_config_with_tag
+from .conftest import BASE_IMAGE, SAMPLE, message_test_args, remove_images_tagged, sample_config_with_tag
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.usefixtures("subprocess_env")]
 
@@ -96,15 +96,7 @@ def test_push_then_pull_through_the_local_registry(pytester: pytest.Pytester, tm
     """--epics-push publishes to the sample's 127.0.0.1 registry; policy pull gets it back."""
     tag = f"pushpull{Owner.current().session}"
     config = sample_config_with_tag(tmp_path, tag)
-    args = [
-        str(SAMPLE / "tests" / "test_sample_ioc.py"),
-        "--arch=linux/amd64",
-        f"--epics-config={config}",
-        "-p",
-        "no:cacheprovider",
-        "-k",
-        "message",
-    ]
+    args = message_test_args(config)
     try:
         pushed = pytester.runpytest_subprocess(*args, "--epics-image-policy=build", "--epics-push")
         pushed.stdout.fnmatch_lines(["*pushing *sample-ioc-runtime:" + tag + "*"])

@@ -24,7 +24,7 @@ from pytest_epics_multiarch.engine import LABEL_OWNER_PID, LABEL_SESSION, Engine
 from pytest_epics_multiarch.session import EpicsSession
 from pytest_epics_multiarch.settings import Settings
 
-from .conftest import BASE_IMAGE, SAMPLE, sample_config_with_tag
+from .conftest import BASE_IMAGE, SAMPLE, message_test_args, sample_config_with_tag
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow, pytest.mark.usefixtures("subprocess_env")]
 
@@ -158,16 +158,7 @@ def test_push_then_pull_through_the_local_registry_without_registries_conf(
     """Podman speaks plain HTTP to 127.0.0.1 only when told; the plugin tells it, as Docker assumes."""
     tag = f"podmanpp{Owner.current().session}"
     config = sample_config_with_tag(tmp_path, tag)
-    args = [
-        str(SAMPLE / "tests" / "test_sample_ioc.py"),
-        "--arch=linux/amd64",
-        "--epics-engine=podman",
-        f"--epics-config={config}",
-        "-p",
-        "no:cacheprovider",
-        "-k",
-        "message",
-    ]
+    args = message_test_args(config, "--epics-engine=podman")
     try:
         pushed = pytester.runpytest_subprocess(*args, "--epics-image-policy=build", "--epics-push")
         assert pushed.ret == 0, pushed.stdout.str()
