@@ -109,7 +109,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "spare_iocs",
         "IOCs per configuration started ahead, in the background, so that the next test's IOC "
-        "is ready when asked for (container targets; 0 turns it off); default: 1",
+        "is ready when asked for (container targets; none beside an IOC shared for the session "
+        "or with --epics-keep-iocs; 0 turns it off); default: 1",
         "count",
         default=1,
         metavar="N",
