@@ -145,6 +145,8 @@ class Engine:
 
     @cached_property
     def version(self) -> str:
+        if self.flavor.version != "?":
+            return self.flavor.version  # read when connecting
         try:
             info: dict[str, Any] = self.client.version()
             return str(info.get("Version", "?"))

@@ -33,6 +33,7 @@ from typing import Any
 
 import docker
 import docker.types
+from docker.constants import MINIMUM_DOCKER_API_VERSION
 
 from .errors import EngineError, EngineUnavailable, tail_lines
 
@@ -79,6 +80,8 @@ class Flavor:
 
     kind: str
     rootless: bool
+    #: The engine's version, as its /version says ("?" when unknown).
+    version: str = "?"
 
     def container_options(self) -> dict[str, Any]:
         """Extra keyword arguments for creating an IOC container."""
@@ -319,11 +322,23 @@ class Connection:
 
 
 def _open(url: str, timeout: float) -> tuple[docker.DockerClient, Flavor]:
-    """A client of the engine at ``url`` that answered, and which engine it is."""
-    client = docker.DockerClient(base_url=url, timeout=int(timeout))
+    """A client of the engine at ``url`` that answered, and which engine it is.
+
+    One /version call, unversioned (the engine answers with its own API version), tells both
+    which engine this is and what API version to speak. A client left to find that out asks
+    /version itself, and Podman 4.3 takes about 0.5 s to answer each time.
+    """
+    probe = docker.DockerClient(base_url=url, timeout=int(timeout), version=MINIMUM_DOCKER_API_VERSION)
     try:
-        client.ping()
-        return client, _identify(client)
+        answer = probe.api.get(f"{probe.api.base_url}/version", timeout=timeout)
+        answer.raise_for_status()
+        version: dict[str, Any] = answer.json()
+    finally:
+        probe.close()
+    api_version = str(version.get("ApiVersion") or "auto")
+    client = docker.DockerClient(base_url=url, timeout=int(timeout), version=api_version)
+    try:
+        return client, _identify(client, version)
     except BaseException:
         client.close()
         raise
@@ -388,10 +403,10 @@ def connect(choice: str = "auto", timeout: float = 10.0) -> Connection:
     raise EngineUnavailable(what, seen="; ".join(tried), hint=hint)
 
 
-def _identify(client: docker.DockerClient) -> Flavor:
+def _identify(client: docker.DockerClient, version: dict[str, Any]) -> Flavor:
+    """The engine's flavor, from its /version answer and its /info."""
     try:
-        kind = kind_of(client.version())
         rootless = is_rootless(client.info())
     except docker.errors.APIError:
-        kind, rootless = "docker", False
-    return Flavor(kind, rootless)
+        rootless = False
+    return Flavor(kind_of(version), rootless, str(version.get("Version") or "?"))
