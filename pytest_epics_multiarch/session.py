@@ -17,7 +17,7 @@ from .config import ConfigCache, IocSpec, ProjectConfig
 from .engine import Builder, Engine, Owner, find_builder
 from .errors import ConfigError, EngineUnavailable, ImageError, IocStartError
 from .images import ImageResolver, ImageResult
-from .ioc import Ioc, IocPool
+from .ioc import Ioc, IocKey, IocPool, ioc_key
 from .payload import Payload
 from .runners.base import IocRunner, ReadyProbe
 from .settings import Settings
@@ -50,7 +50,7 @@ class EpicsSession:
         self._build_cli: Builder | None = None
         self.swept: list[str] = []
         self._payloads: dict[tuple[str, bool], Payload] = {}
-        self._shared: dict[tuple[str, str, str, str], Ioc] = {}
+        self._shared: dict[IocKey, Ioc] = {}
         self.images = ImageResolver(
             self.engine,
             self.build_cli,
@@ -134,7 +134,7 @@ class EpicsSession:
         config file, target, image and ``ioc:`` settings are identical.
         """
         spec = spec or config.ioc_for(target)
-        key = (config.where, target.name, image.ref, repr(spec))
+        key = ioc_key(config, target, image, spec)
         ioc = self._shared.get(key)
         if ioc is None or not ioc.is_running():
             # No spare: the shared IOC serves the session, so one would only idle beside it.

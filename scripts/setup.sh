@@ -62,12 +62,12 @@ apt_install() {
         die "apt-get install $* failed, see $STATE/apt.log"
 }
 
-# The engine answers either Docker CLI: Debian's 20.10 one (which the plugin builds with) or
-# the one first on PATH.
 import_flags() { # CLI: flags its `import` needs to keep quiet (podman reports each blob on stderr)
     if [ "$(basename "$1")" = podman ]; then echo --quiet; fi
 }
 
+# The engine answers either Docker CLI: Debian's 20.10 one (which the plugin builds with) or
+# the one first on PATH.
 docker_cli() {
     if [ -x /usr/bin/docker ]; then
         echo /usr/bin/docker
