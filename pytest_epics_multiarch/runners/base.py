@@ -100,6 +100,16 @@ class ConsoleRunner:
     def start(self) -> None:
         raise NotImplementedError
 
+    def _note(self, line: str) -> None:
+        """Append a line of the runner's own to the console log: what it starts, what went wrong.
+
+        Written before the console is attached, so every attempt leaves a log, even one that
+        fails before the IOC printed anything.
+        """
+        if self.log_path is not None:
+            with open(self.log_path, "a") as log_file:
+                log_file.write(line + "\n")
+
     def stop(self) -> None:
         raise NotImplementedError
 

@@ -81,6 +81,7 @@ class ContainerIoc(ConsoleRunner):
                 break
             except docker.errors.APIError as exc:
                 self._remove_container()
+                self._note(f"# the start failed: {getattr(exc, 'explanation', None) or exc}")
                 port_taken = any(text in str(exc) for text in _PORT_TAKEN)
                 if port_taken and attempt < 4:
                     log.info("%s: port %d was taken meanwhile, trying another", self.target, port)
@@ -137,6 +138,8 @@ class ContainerIoc(ConsoleRunner):
         tc.ports[f"{port}/udp"] = ("127.0.0.1", port)  # type: ignore[assignment]
         self._tc = tc
         self.ca_address = ("127.0.0.1", port)
+        command = " ".join(self.command) if self.command else "the image's command"
+        self._note(f"$ {self.engine.kind} run {self.image}: {command}; CA on 127.0.0.1:{port}")
         tc.start()
         container = tc.get_wrapped_container()
         self.name = f"container {container.name} ({self.image})"

@@ -147,9 +147,7 @@ class QemuIoc(ConsoleRunner):
             qmp_fd=qemu_end.fileno(),
         )
         log.info("%s: %s", self.target, " ".join(self.argv))
-        if self.log_path is not None:
-            with open(self.log_path, "a") as log_file:
-                log_file.write("$ " + " ".join(self.argv) + "\n")
+        self._note("$ " + " ".join(self.argv))
         try:
             process = subprocess.Popen(
                 self.argv,

@@ -376,7 +376,7 @@ def test_a_ca_port_taken_by_another_ioc_is_skipped(
 
 @pytest.mark.docker
 def test_when_every_port_tried_is_taken_the_error_says_so(
-    session: EpicsSession, monkeypatch: pytest.MonkeyPatch
+    session: EpicsSession, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     taken = free_port()
     held = hold_port(taken, "tcp+udp")
@@ -391,6 +391,11 @@ def test_when_every_port_tried_is_taken_the_error_says_so(
     assert text.startswith("[linux/amd64] could not start a container of ")
     assert re.search(rf"seen: .*127\.0\.0\.1:{taken}.*address already in use", text), text
     assert "Hint: 5 free ports in a row were taken" in text
+    # The IOC's log says what was tried each time, though no console was ever attached.
+    (log_file,) = tmp_path.glob("ioc-linux-amd64-*.log")
+    logged = log_file.read_text()
+    assert logged.count("$ docker run 127.0.0.1:5055/epics-multiarch-samples/sample-ioc-runtime:dev") == 5, logged
+    assert logged.count("# the start failed: ") == 5 and "address already in use" in logged, logged
     assert session_containers(session) == []
     assert proxies_for(taken) == []
 
